@@ -1,0 +1,201 @@
+//! One connection, start to end: TLS handshake, backend connect, splice, and
+//! the single log event that says how it went.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{timeout, Instant};
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::config::{BackendHost, MapSpec, Timeouts};
+use crate::splice::{self, Counted, Expired, Side, Stats};
+use crate::tls::TlsRouter;
+
+/// What every connection shares: TLS and the limits.
+pub struct Context {
+    /// Picks the TLS configuration for each ClientHello.
+    pub tls: Arc<TlsRouter>,
+    /// Per-connection time limits.
+    pub timeouts: Timeouts,
+}
+
+/// How a connection ended, for its log event.
+#[derive(Debug)]
+enum End {
+    /// Both directions finished; this side closed first.
+    Closed(Side),
+    HandshakeTimeout,
+    HandshakeFailed(io::Error),
+    /// The connection only answered an ACME TLS-ALPN-01 validation.
+    AcmeChallenge,
+    ConnectTimeout,
+    BackendUnreachable(String),
+    Expired(Expired),
+    /// An I/O error on one side ended the splice.
+    Failed(String),
+    /// The shutdown deadline passed.
+    Shutdown,
+}
+
+impl End {
+    fn reason(&self) -> &'static str {
+        match self {
+            End::Closed(Side::Client) => "client closed",
+            End::Closed(Side::Backend) => "backend closed",
+            End::HandshakeTimeout => "handshake timeout",
+            End::HandshakeFailed(_) => "handshake failed",
+            End::AcmeChallenge => "acme challenge answered",
+            End::ConnectTimeout => "backend connect timeout",
+            End::BackendUnreachable(_) => "backend unreachable",
+            End::Expired(Expired::Idle) => "idle timeout",
+            End::Expired(Expired::Close) => "close timeout",
+            End::Failed(_) => "error",
+            End::Shutdown => "shutdown",
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            End::HandshakeFailed(e) => Some(e.to_string()),
+            End::BackendUnreachable(e) | End::Failed(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Sets TCP_NODELAY and keepalive so that peers that vanished behind NAT are noticed.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let ka = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(15))
+        .with_retries(4);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
+/// Resolves the backend anew (names follow DHCP changes) and connects to the
+/// first address that answers.
+async fn connect_backend(map: &MapSpec) -> Result<TcpStream, String> {
+    let port = map.backend.port;
+    let addrs: Vec<SocketAddr> = match &map.backend.host {
+        BackendHost::Ip(ip) => vec![SocketAddr::new(*ip, port)],
+        BackendHost::Name(name) => tokio::net::lookup_host((name.as_str(), port))
+            .await
+            .map_err(|e| format!("cannot resolve {name}: {e}"))?
+            .collect(),
+    };
+    let mut last = format!("{} resolved to no address", map.backend);
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = format!("connect to {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Serves one accepted connection until it ends, then logs it once.
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    map: Arc<MapSpec>,
+    ctx: Arc<Context>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let started = Instant::now();
+    let stats = Stats::new();
+    let mut sni = None;
+    let end = tokio::select! {
+        end = run(tcp, &map, &ctx, &stats, &mut sni) => end,
+        _ = stop.wait_for(|s| *s) => End::Shutdown,
+    };
+    let (up, down) = stats.bytes();
+    let ms = started.elapsed().as_millis() as u64;
+    let detail = end.detail().or_else(|| stats.error_text());
+    let no_close_notify = stats.client_skipped_close_notify();
+    let reason = end.reason();
+    let sni = sni.as_deref().unwrap_or("");
+    match &end {
+        End::Closed(_) | End::Expired(_) | End::AcmeChallenge => tracing::info!(
+            %peer, map = %map, sni, bytes_up = up, bytes_down = down, duration_ms = ms,
+            reason, client_close_notify = !no_close_notify, detail = detail.as_deref().unwrap_or(""),
+            "connection closed"
+        ),
+        _ => tracing::warn!(
+            %peer, map = %map, sni, bytes_up = up, bytes_down = down, duration_ms = ms,
+            reason, client_close_notify = !no_close_notify, detail = detail.as_deref().unwrap_or(""),
+            "connection closed"
+        ),
+    }
+}
+
+async fn run(
+    tcp: TcpStream,
+    map: &MapSpec,
+    ctx: &Context,
+    stats: &Arc<Stats>,
+    sni: &mut Option<String>,
+) -> End {
+    tune(&tcp);
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let hello = start.client_hello();
+        *sni = hello.server_name().map(str::to_owned);
+        let (config, challenge) = ctx.tls.config_for(&hello);
+        let stream = start.into_stream(config).await?;
+        Ok::<_, io::Error>((stream, challenge))
+    };
+    let mut client = match timeout(ctx.timeouts.handshake, handshake).await {
+        Err(_) => return End::HandshakeTimeout,
+        Ok(Err(e)) => return End::HandshakeFailed(e),
+        Ok(Ok((stream, true))) => {
+            let mut stream = stream;
+            let _ = timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncWriteExt::shutdown(&mut stream),
+            )
+            .await;
+            return End::AcmeChallenge;
+        }
+        Ok(Ok((stream, false))) => stream,
+    };
+    let end = match timeout(ctx.timeouts.connect, connect_backend(map)).await {
+        Err(_) => End::ConnectTimeout,
+        Ok(Err(e)) => End::BackendUnreachable(e),
+        Ok(Ok(b)) => {
+            tune(&b);
+            let mut client_side = Counted::new(&mut client, Side::Client, stats.clone());
+            let mut backend_side = Counted::new(b, Side::Backend, stats.clone());
+            let copy = tokio::io::copy_bidirectional_with_sizes(
+                &mut client_side,
+                &mut backend_side,
+                splice::UP_BUF,
+                splice::DOWN_BUF,
+            );
+            tokio::select! {
+                res = copy => match res {
+                    Ok(_) => End::Closed(stats.first_closed().unwrap_or(Side::Client)),
+                    Err(e) => End::Failed(stats.error_text().unwrap_or_else(|| e.to_string())),
+                },
+                why = splice::watchdog(stats, ctx.timeouts.idle, ctx.timeouts.close) => End::Expired(why),
+            }
+        }
+    };
+    if matches!(
+        end,
+        End::ConnectTimeout | End::BackendUnreachable(_) | End::Expired(_)
+    ) {
+        // Tell the client politely that we are done, without waiting long.
+        let _ = timeout(
+            Duration::from_secs(1),
+            tokio::io::AsyncWriteExt::shutdown(&mut client),
+        )
+        .await;
+    }
+    end
+}

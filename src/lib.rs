@@ -1,0 +1,19 @@
+//! tcpfwd: a small, fast layer-4 TLS-terminating TCP forwarder.
+//!
+//! Data flows one way: [`config`] is validated once, [`listener`] opens the
+//! sockets, [`server`] accepts, [`forward`] runs each connection through the
+//! [`tls`] handshake and the [`splice`].
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod forward;
+pub mod listener;
+pub mod logging;
+pub mod server;
+pub mod shutdown;
+pub mod splice;
+pub mod sys;
+pub mod tls;

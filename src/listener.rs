@@ -1,0 +1,108 @@
+//! Listening sockets: one per map, bound here (later also taken from systemd).
+
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+
+use crate::config::MapSpec;
+
+/// A map with its listening socket, ready to accept.
+#[derive(Debug)]
+pub struct Listener {
+    /// What this socket serves.
+    pub map: Arc<MapSpec>,
+    /// The socket.
+    pub socket: TcpListener,
+    /// The address actually bound (port filled in when the map asked for 0).
+    pub local_addr: SocketAddr,
+}
+
+/// A port that cannot be listened on; the message says what to do.
+#[derive(Debug)]
+pub struct BindError(pub String);
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BindError {}
+
+const BACKLOG: i32 = 1024;
+
+fn bind_one(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!dual_stack)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+fn explain(map: &MapSpec, addr: SocketAddr, e: &io::Error) -> BindError {
+    let hint = match e.kind() {
+        io::ErrorKind::AddrInUse => {
+            "another program (perhaps another tcpfwd) already listens there: stop it or choose another port".to_string()
+        }
+        io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            "ports below 1024 need privileges: use systemd socket activation (see scripts/systemd) or grant CAP_NET_BIND_SERVICE, for example `setcap cap_net_bind_service=+ep $(command -v tcpfwd)`".to_string()
+        }
+        io::ErrorKind::AddrNotAvailable => {
+            "that address is not on any interface of this machine: check LISTEN_ADDR, or leave it out to listen everywhere".to_string()
+        }
+        _ => "check the map's listen address and port".to_string(),
+    };
+    BindError(format!(
+        "cannot listen on {addr} for map '{map}': {e}; {hint}"
+    ))
+}
+
+/// Binds a map's socket. A map without an address gets one dual-stack socket
+/// on `[::]`, or `0.0.0.0` where the host has no IPv6.
+pub fn bind(map: &MapSpec) -> Result<std::net::TcpListener, BindError> {
+    let addr = map.listen.bind_addr();
+    match bind_one(addr, map.listen.addr.is_none()) {
+        Ok(l) => Ok(l),
+        Err(e)
+            if map.listen.addr.is_none()
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), map.listen.port);
+            tracing::warn!(map = %map, "no IPv6 on this host ({e}); listening on IPv4 only");
+            bind_one(v4, false).map_err(|e| explain(map, v4, &e))
+        }
+        Err(e) => Err(explain(map, addr, &e)),
+    }
+}
+
+/// Turns a bound (or inherited) non-blocking std socket into a `Listener`.
+pub fn from_std(map: MapSpec, socket: std::net::TcpListener) -> io::Result<Listener> {
+    socket.set_nonblocking(true)?;
+    let local_addr = socket.local_addr()?;
+    Ok(Listener {
+        map: Arc::new(map),
+        socket: TcpListener::from_std(socket)?,
+        local_addr,
+    })
+}
+
+/// Binds every map; the first failure stops start-up.
+pub fn bind_all(maps: &[MapSpec]) -> anyhow::Result<Vec<Listener>> {
+    let mut out = Vec::with_capacity(maps.len());
+    for map in maps {
+        let socket = bind(map)?;
+        out.push(from_std(map.clone(), socket)?);
+    }
+    Ok(out)
+}

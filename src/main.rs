@@ -1,0 +1,54 @@
+//! The tcpfwd binary: parse, set up logging, run, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser};
+use tcpfwd::cli::Cli;
+use tcpfwd::config::Config;
+use tcpfwd::{app, logging, shutdown, tls};
+
+/// Bad arguments, certificates or keys: the user must change something.
+const EXIT_USAGE: u8 = 2;
+/// Anything else that stops start-up.
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_cli(&cli) {
+        Ok(c) => c,
+        Err(msg) => Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit(),
+    };
+    if let Err(msg) = logging::init(&cli.log_level, cli.log_format) {
+        eprintln!("tcpfwd: error: {msg}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.threads {
+        rt.worker_threads(n.into());
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tcpfwd: error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = rt.block_on(async {
+        let signals = shutdown::Signals::install()?;
+        app::run(config, signals.recv()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcpfwd: error: {e:#}");
+            if e.chain().any(|c| c.is::<tls::CertError>()) {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Small operating-system facts and knobs: host name, open-files limit, CPU capabilities.
+#![allow(unsafe_code)]
+
+/// The machine's host name, if it has a usable one.
+pub fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty() && name != "(none)" && name != "localhost").then(|| name.to_string())
+}
+
+/// Raises the soft open-files limit to the hard limit; returns (old, new).
+///
+/// Each forwarded connection holds two descriptors, and distributions often
+/// start services with a soft limit of 1024.
+pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own; no other memory is touched.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let old = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u32 on some 32-bit targets
+    Ok((old as u64, lim.rlim_cur as u64))
+}
+
+/// On 32-bit ARM, whether the kernel reports the AES instructions (HWCAP2_AES).
+#[cfg(target_arch = "arm")]
+pub fn arm_hwcap2_has_aes() -> bool {
+    const HWCAP2_AES: libc::c_ulong = 1;
+    // SAFETY: getauxval only reads the process's auxiliary vector.
+    let caps = unsafe { libc::getauxval(libc::AT_HWCAP2) };
+    caps & HWCAP2_AES != 0
+}
