@@ -104,7 +104,10 @@ async fn accept_loop(
             Ok((tcp, peer)) => {
                 backoff = Duration::ZERO;
                 // Show IPv4 clients of a dual-stack socket as plain IPv4.
-                (tcp, std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port()))
+                (
+                    tcp,
+                    std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+                )
             }
             Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
