@@ -48,6 +48,7 @@ pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     // Also the process default, for any client TLS (ACME) built later.
     let _ = provider.as_ref().clone().install_default();
 
+    let mut acme_task = None;
     let key = match &config.cert {
         CertSource::Files { cert, key } => {
             let ck = tls::load_files(cert, key, &provider)?;
@@ -67,9 +68,15 @@ pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
             );
             ss.key
         }
+        CertSource::Acme(acme) => {
+            let (key, task) = crate::acme::prepare(acme, &provider)?;
+            acme_task = Some(task);
+            key
+        }
     };
     let resolver = tls::CertResolver::new(key);
-    let server_config = tls::server_config(provider, resolver, config.alpn.clone())?;
+    let server_config =
+        tls::server_config(provider.clone(), resolver.clone(), config.alpn.clone())?;
     let ctx = Arc::new(Context {
         tls: tls::TlsRouter::new(server_config),
         timeouts: config.timeouts,
@@ -78,6 +85,10 @@ pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
     let listeners = listener::bind_all(&config.maps).context("opening the listeners")?;
     for l in &listeners {
         tracing::info!(map = %l.map, listen = %l.local_addr, backend = %l.map.backend, "listening");
+    }
+    // Only now: the CA's validation connects to these listeners.
+    if let Some(task) = acme_task {
+        task.spawn(resolver, ctx.tls.clone());
     }
     Ok(Prepared { listeners, ctx })
 }

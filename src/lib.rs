@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod acme;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -15,5 +16,6 @@ pub mod logging;
 pub mod server;
 pub mod shutdown;
 pub mod splice;
+pub mod state;
 pub mod sys;
 pub mod tls;
