@@ -181,10 +181,11 @@ pub fn fmt_time(t: SystemTime) -> String {
 
 /// A duration as `2d3h`, `4m5s` or `7s`.
 pub fn fmt_duration(d: Duration) -> String {
-    let s = d.as_secs();
+    // Rounded, so that "Retry-After: 8" read a moment later still shows as 8s.
+    let s = (d + Duration::from_millis(500)).as_secs();
     let (days, hours, mins, secs) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
     match (days, hours, mins) {
-        (0, 0, 0) if s == 0 => format!("{}ms", d.as_millis()),
+        (0, 0, 0) if s == 0 || d < Duration::from_secs(1) => format!("{}ms", d.as_millis()),
         (0, 0, 0) => format!("{secs}s"),
         (0, 0, _) => format!("{mins}m{secs}s"),
         (0, _, _) => format!("{hours}h{mins}m"),
@@ -1093,6 +1094,8 @@ mod tests {
     #[test]
     fn durations_and_times_read_well() {
         assert_eq!(fmt_duration(Duration::from_secs(7)), "7s");
+        assert_eq!(fmt_duration(Duration::from_millis(7990)), "8s");
+        assert_eq!(fmt_duration(Duration::from_millis(300)), "300ms");
         assert_eq!(fmt_duration(Duration::from_secs(125)), "2m5s");
         assert_eq!(fmt_duration(Duration::from_secs(3 * 3600 + 60)), "3h1m");
         assert_eq!(fmt_duration(DAY * 59 + Duration::from_secs(7200)), "59d2h");

@@ -9,9 +9,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{backends, msg, require_tool, run_to_exit, Tcpfwd, TempDir};
-use pebble::{free_port, Pebble};
+use common::{
+    backends, msg, pattern, require_tool, run_to_exit, sha256, tls_connect, Tcpfwd, TempDir,
+};
+use pebble::{accept_anything_config, fingerprint, free_port, Pebble, RateLimitedCa};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NAMES: [&str; 2] = ["cams.example.org", "dvr.example.org"];
 const ISSUE: Duration = Duration::from_secs(90);
@@ -46,6 +49,28 @@ fn start(args: &[String]) -> Tcpfwd {
 
 fn issued(e: &Value) -> bool {
     msg(e).starts_with("certificate issued")
+}
+
+fn renewed(e: &Value) -> bool {
+    msg(e).starts_with("certificate renewed")
+}
+
+fn has(fwd: &Tcpfwd, pred: impl Fn(&Value) -> bool) -> bool {
+    fwd.events().iter().any(pred)
+}
+
+/// Echoes `data` through map `i` with a client that accepts any certificate;
+/// returns the fingerprint of the certificate it was shown.
+async fn echo_through(fwd: &Tcpfwd, i: usize, data: &[u8]) -> String {
+    let mut tls = tls_connect(accept_anything_config(), fwd.addr(i), NAMES[0])
+        .await
+        .unwrap();
+    let fp = fingerprint(tls.get_ref().1.peer_certificates().unwrap()[0].as_ref());
+    tls.write_all(data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, data);
+    fp
 }
 
 /// The CA's sub-directory of the state directory (named after the directory URL).
@@ -178,4 +203,262 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
         .iter()
         .any(|e| msg(e) == "ordering a certificate"));
     assert_eq!(pebble.orders(), orders);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_with_a_third_of_the_lifetime_left_keeps_an_open_transfer_going() {
+    let backend = backends::echo().await;
+    // 15-second certificates: renewal is due 10 seconds after issuance.
+    let mut pebble = Pebble::new(free_port(), Some(15));
+    pebble.start();
+    let state = TempDir::new("acme-renew");
+    let fwd = start(&tcpfwd_args(&pebble, state.path(), backend));
+    let first = fwd.wait_for(issued, 1, ISSUE).remove(0);
+    let first_fp = first["sha256"].as_str().unwrap().to_string();
+    let sched = fwd
+        .wait_for(|e| msg(e) == "renewal scheduled", 1, ISSUE)
+        .remove(0);
+    assert_eq!(sched["rule"], "a third of the lifetime left");
+
+    // A transfer that begins before the renewal and goes on after it.
+    let tls = tls_connect(accept_anything_config(), fwd.addr(1), NAMES[0])
+        .await
+        .unwrap();
+    let shown = fingerprint(tls.get_ref().1.peer_certificates().unwrap()[0].as_ref());
+    assert_eq!(shown, first_fp);
+    let data = pattern(7, 64 * 1024 * 1024);
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(64 * 1024 * 1024);
+        let mut buf = vec![0u8; 64 * 1024];
+        while got.len() < 64 * 1024 * 1024 {
+            let n = rd.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the transfer was cut after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    });
+    let mut sent = 0;
+    let mut after_renewal = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    // 64 KiB every 20 ms until well after the renewal; then the rest at full speed.
+    while sent < data.len() {
+        let chunk = &data[sent..(sent + 64 * 1024).min(data.len())];
+        wr.write_all(chunk).await.unwrap();
+        sent += chunk.len();
+        if has(&fwd, renewed) {
+            after_renewal += 1;
+        }
+        if after_renewal < 50 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no renewal seen:\n{}",
+                fwd.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let got = reader.await.unwrap();
+    assert_eq!(
+        sha256(&got),
+        sha256(&data),
+        "the transfer is not byte-exact"
+    );
+    wr.shutdown().await.unwrap();
+
+    let renewal = fwd.wait_for(renewed, 1, ISSUE).remove(0);
+    let new_fp = renewal["sha256"].as_str().unwrap().to_string();
+    assert_ne!(new_fp, first_fp);
+    let order = fwd
+        .events()
+        .into_iter()
+        .filter(|e| msg(e) == "ordering a certificate")
+        .nth(1)
+        .expect("a second order");
+    assert!(
+        order["reason"]
+            .as_str()
+            .unwrap()
+            .contains("a third of the lifetime left"),
+        "{order}"
+    );
+    // New connections get the new certificate; the stored one is the new one too.
+    let fresh = echo_through(&fwd, 0, b"after renewal").await;
+    assert!(fresh != first_fp, "still the old certificate");
+    let stored = std::fs::read_to_string(ca_dir(state.path(), &pebble).join("cert.pem")).unwrap();
+    assert!(stored.contains("BEGIN CERTIFICATE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_down_at_start_serves_the_placeholder_until_the_ca_comes_up() {
+    let backend = backends::echo().await;
+    let mut pebble = Pebble::new(free_port(), None);
+    let state = TempDir::new("acme-down");
+    let fwd = start(&tcpfwd_args(&pebble, state.path(), backend));
+    let placeholder = fwd
+        .events()
+        .into_iter()
+        .find(|e| msg(e).starts_with("serving a self-signed placeholder"))
+        .expect("placeholder");
+    let failed = fwd
+        .wait_for(|e| msg(e).starts_with("certificate order failed"), 1, ISSUE)
+        .remove(0);
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains(&pebble.directory_url()), "{failed}");
+    assert!(failed["retry_in"].is_string(), "{failed}");
+    // Forwarding works meanwhile, on the placeholder.
+    let shown = echo_through(&fwd, 1, b"hello while the CA is down").await;
+    assert_eq!(shown, placeholder["sha256"].as_str().unwrap());
+
+    pebble.start();
+    let ev = fwd.wait_for(issued, 1, ISSUE).remove(0);
+    let shown = echo_through(&fwd, 0, b"hello with a real certificate").await;
+    assert_eq!(shown, ev["sha256"].as_str().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_certificate_and_corrupt_account_are_recovered() {
+    let backend = backends::echo().await;
+    let mut pebble = Pebble::new(free_port(), None);
+    pebble.start();
+    let state = TempDir::new("acme-corrupt");
+    let args = tcpfwd_args(&pebble, state.path(), backend);
+    let ca = ca_dir(state.path(), &pebble);
+    let fwd = start(&args);
+    fwd.wait_for(issued, 1, ISSUE);
+    drop(fwd);
+    let account = std::fs::read(ca.join("account.json")).unwrap();
+
+    // A half-written certificate: re-ordered with the stored account.
+    let cert = std::fs::read(ca.join("cert.pem")).unwrap();
+    std::fs::write(ca.join("cert.pem"), &cert[..cert.len() / 2]).unwrap();
+    let fwd = start(&args);
+    let warn = fwd
+        .events()
+        .into_iter()
+        .find(|e| msg(e).starts_with("the stored certificate cannot be used"))
+        .expect("corrupt certificate reported");
+    assert_eq!(warn["level"], "WARN");
+    assert!(
+        warn["cert"].as_str().unwrap().ends_with("cert.pem"),
+        "{warn}"
+    );
+    fwd.wait_for(issued, 1, ISSUE);
+    assert!(has(&fwd, |e| msg(e) == "using the stored ACME account"));
+    assert!(!has(&fwd, |e| msg(e) == "created an ACME account"));
+    assert_eq!(std::fs::read(ca.join("account.json")).unwrap(), account);
+    drop(fwd);
+
+    // A corrupt account (and no certificate, so that one is needed): moved aside, new account.
+    std::fs::write(ca.join("account.json"), &account[..account.len() / 2]).unwrap();
+    std::fs::remove_file(ca.join("cert.pem")).unwrap();
+    let fwd = start(&args);
+    let warn = fwd
+        .wait_for(
+            |e| msg(e).starts_with("the stored ACME account is corrupt"),
+            1,
+            ISSUE,
+        )
+        .remove(0);
+    assert_eq!(warn["level"], "WARN");
+    let aside = std::path::PathBuf::from(warn["moved_to"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read(&aside).unwrap(),
+        &account[..account.len() / 2]
+    );
+    fwd.wait_for(|e| msg(e) == "created an ACME account", 1, ISSUE);
+    fwd.wait_for(issued, 1, ISSUE);
+    let new_account = std::fs::read(ca.join("account.json")).unwrap();
+    assert_ne!(new_account, account);
+    assert_eq!(mode(&ca.join("account.json")), 0o600);
+    assert_eq!(mode(&ca.join("cert.pem")), 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_renewal_waits_as_told_and_says_when_the_certificate_expires() {
+    const RETRY_AFTER: u64 = 8;
+    let pki = common::Pki::new();
+    let ca = RateLimitedCa::start(&pki, RETRY_AFTER).await;
+    let backend = backends::echo().await;
+    let state = TempDir::new("acme-ratelimit");
+
+    // A stored certificate four hours long with one hour left: renewal is due now.
+    let now = time::OffsetDateTime::now_utc();
+    let mut params = rcgen::CertificateParams::new(NAMES.map(String::from).to_vec()).unwrap();
+    params.not_before = now - time::Duration::hours(3);
+    params.not_after = now + time::Duration::hours(1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let dir = state.join(&format!("127.0.0.1_{}_dir", ca.addr.port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+
+    let args: Vec<String> = [
+        "--map",
+        &format!("127.0.0.1:0:{backend}"),
+        "--acme-domain",
+        NAMES[0],
+        "--acme-domain",
+        NAMES[1],
+        "--acme-directory",
+        &ca.directory_url(),
+        "--acme-ca-root",
+        pki.ca.to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let fwd = start(&args);
+    assert!(has(&fwd, |e| msg(e) == "serving the stored certificate"));
+    let failed = fwd
+        .wait_for(
+            |e| msg(e).starts_with("certificate renewal failed"),
+            1,
+            ISSUE,
+        )
+        .remove(0);
+    assert_eq!(failed["level"], "WARN");
+    assert_eq!(failed["status"], 429);
+    assert!(
+        failed["url"].as_str().unwrap().ends_with("/order"),
+        "{failed}"
+    );
+    assert!(
+        failed["error"].as_str().unwrap().contains("rateLimited"),
+        "{failed}"
+    );
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("too many certificates"),
+        "{failed}"
+    );
+    let expires = failed["expires"].as_str().unwrap();
+    let not_after = params.not_after.replace_nanosecond(0).unwrap();
+    let rfc3339 = not_after
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert!(expires.starts_with(&rfc3339), "{expires} vs {rfc3339}");
+    let retry_in = failed["retry_in"].as_str().unwrap();
+    assert_eq!(retry_in, "8s", "{failed}");
+    assert_eq!(failed["retry_after"], "8s", "{failed}");
+
+    // The second order comes no sooner than the CA asked.
+    fwd.wait_for(
+        |e| msg(e).starts_with("certificate renewal failed"),
+        2,
+        ISSUE,
+    );
+    let orders = ca.orders.lock().unwrap().clone();
+    assert!(orders.len() >= 2);
+    let gap = orders[1] - orders[0];
+    assert!(
+        gap >= Duration::from_secs(RETRY_AFTER - 1),
+        "waited only {gap:?}"
+    );
+    // Forwarding goes on, on the stored certificate.
+    echo_through(&fwd, 0, b"still forwarding").await;
 }

@@ -205,9 +205,9 @@ impl Pebble {
         self.pebble.as_ref().map(Proc::output).unwrap_or_default()
     }
 
-    /// How many new orders Pebble has received.
+    /// How many orders Pebble has created (a request retried after badNonce counts once).
     pub fn orders(&self) -> usize {
-        self.log().matches("POST /order-plz").count()
+        self.log().matches("Added order ").count()
     }
 
     pub fn directory_url(&self) -> String {
@@ -243,4 +243,214 @@ pub async fn https_get(pki: &Pki, addr: SocketAddr, path: &str) -> String {
         "{head}"
     );
     body.to_string()
+}
+
+/// Accepts any server certificate: for looking at placeholders and certificates from a CA
+/// whose root the test does not have yet. Never outside tests.
+#[derive(Debug)]
+struct AcceptAnything(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS client configuration that accepts whatever certificate the server shows.
+pub fn accept_anything_config() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
+            .with_no_client_auth(),
+    )
+}
+
+/// SHA-256 of a certificate as `AB:CD:...`, the form tcpfwd logs.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A stand-in ACME CA over HTTPS that creates accounts but answers every new
+/// order with a rate-limit error and `Retry-After: retry_after` seconds.
+pub struct RateLimitedCa {
+    pub addr: SocketAddr,
+    /// When each new-order request arrived.
+    pub orders: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl RateLimitedCa {
+    pub async fn start(pki: &Pki, retry_after: u64) -> RateLimitedCa {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(&pki.cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&pki.key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let orders = Arc::new(Mutex::new(Vec::new()));
+        let o = orders.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let orders = o.clone();
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = serve_acme(tls, addr, retry_after, orders).await;
+                    }
+                });
+            }
+        });
+        RateLimitedCa { addr, orders }
+    }
+
+    pub fn directory_url(&self) -> String {
+        format!("https://{}/dir", self.addr)
+    }
+}
+
+async fn serve_acme<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: S,
+    addr: SocketAddr,
+    retry_after: u64,
+    orders: Arc<Mutex<Vec<Instant>>>,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut stream = tokio::io::BufReader::new(stream);
+    let base = format!("https://{addr}");
+    let mut nonce = 0u64;
+    // Bounded: a client makes a handful of requests per connection.
+    for _ in 0..1000 {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if stream.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line);
+        }
+        let request_line = head.first().cloned().unwrap_or_default();
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("").to_string(),
+        );
+        let len: usize = head
+            .iter()
+            .find_map(|h| {
+                let (k, v) = h.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).await?;
+        nonce += 1;
+        let (status, extra, body) = match (method.as_str(), path.as_str()) {
+            ("GET", "/dir") => (
+                "200 OK",
+                String::new(),
+                serde_json::json!({
+                    "newNonce": format!("{base}/nonce"),
+                    "newAccount": format!("{base}/account"),
+                    "newOrder": format!("{base}/order"),
+                    "meta": { "termsOfService": "https://stand-in.example/terms" }
+                })
+                .to_string(),
+            ),
+            ("HEAD", "/nonce") | ("GET", "/nonce") => ("200 OK", String::new(), String::new()),
+            ("POST", "/account") => (
+                "201 Created",
+                format!("Location: {base}/account/1\r\n"),
+                r#"{"status":"valid"}"#.to_string(),
+            ),
+            ("POST", "/order") => {
+                orders.lock().unwrap().push(Instant::now());
+                (
+                    "429 Too Many Requests",
+                    format!("Retry-After: {retry_after}\r\n"),
+                    serde_json::json!({
+                        "type": "urn:ietf:params:acme:error:rateLimited",
+                        "detail": "too many certificates already issued for this exact set of identifiers",
+                        "status": 429
+                    })
+                    .to_string(),
+                )
+            }
+            _ => ("404 Not Found", String::new(), String::new()),
+        };
+        let content_type = if status.starts_with('4') && !body.is_empty() {
+            "application/problem+json"
+        } else {
+            "application/json"
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\nReplay-Nonce: nonce-{nonce}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\r\n{}",
+            body.len(),
+            if method == "HEAD" { "" } else { body.as_str() }
+        );
+        stream.get_mut().write_all(response.as_bytes()).await?;
+        stream.get_mut().flush().await?;
+    }
+    Ok(())
 }
