@@ -39,6 +39,17 @@ CERTIFICATES:
   localhost, this host's name and every --self-signed-name, and logs its
   SHA-256 fingerprint so that you can check it in your browser.
 
+ACME:
+  --acme-domain asks an ACME CA (Let's Encrypt unless --acme-directory or
+  --acme-staging says otherwise) for a certificate, proving each name over
+  TLS-ALPN-01 on tcpfwd's own TLS port: the CA connects to port 443, so one
+  map must listen there and the name's DNS must point here. Using it agrees
+  to the CA's terms of service (their address is logged). Until the first
+  certificate arrives a self-signed placeholder is served; the certificate
+  is kept in --state-dir and renewed in the background.
+    tcpfwd --map 443:dvr.lan:80 --acme-domain cams.example.org \\
+           --acme-email me@example.org --acme-staging
+
 DURATIONS are written like 500ms, 10s, 5m, 1h30m or 2d.
 
 EXIT STATUS:

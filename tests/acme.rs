@@ -67,8 +67,12 @@ async fn echo_through(fwd: &Tcpfwd, i: usize, data: &[u8]) -> String {
         .unwrap();
     let fp = fingerprint(tls.get_ref().1.peer_certificates().unwrap()[0].as_ref());
     tls.write_all(data).await.unwrap();
+    tls.flush().await.unwrap();
     let mut back = vec![0u8; data.len()];
-    tls.read_exact(&mut back).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), tls.read_exact(&mut back))
+        .await
+        .expect("no echo within 20s")
+        .unwrap();
     assert_eq!(back, data);
     fp
 }
@@ -245,6 +249,7 @@ async fn renewal_with_a_third_of_the_lifetime_left_keeps_an_open_transfer_going(
     while sent < data.len() {
         let chunk = &data[sent..(sent + 64 * 1024).min(data.len())];
         wr.write_all(chunk).await.unwrap();
+        wr.flush().await.unwrap();
         sent += chunk.len();
         if has(&fwd, renewed) {
             after_renewal += 1;
@@ -258,7 +263,12 @@ async fn renewal_with_a_third_of_the_lifetime_left_keeps_an_open_transfer_going(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let got = reader.await.unwrap();
+    // TLS may hold the last records until flushed.
+    wr.flush().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the echo did not complete within 60s")
+        .unwrap();
     assert_eq!(
         sha256(&got),
         sha256(&data),
@@ -461,4 +471,70 @@ async fn rate_limited_renewal_waits_as_told_and_says_when_the_certificate_expire
     );
     // Forwarding goes on, on the stored certificate.
     echo_through(&fwd, 0, b"still forwarding").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_follows_the_ca_renewal_window_when_offered() {
+    let pki = common::Pki::new();
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let now = time::OffsetDateTime::now_utc();
+    // The CA asks for renewal now (a window that has begun), although by the
+    // lifetime rule this 90-day certificate, one day old, has two months to go.
+    let window = (
+        fmt(now - time::Duration::hours(2)),
+        fmt(now - time::Duration::hours(1)),
+    );
+    let ca = RateLimitedCa::start_with_ari(&pki, 3600, Some(window)).await;
+    let backend = backends::echo().await;
+    let state = TempDir::new("acme-ari");
+    let mut params = rcgen::CertificateParams::new(NAMES.map(String::from).to_vec()).unwrap();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(89);
+    params.use_authority_key_identifier_extension = true;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let dir = state.join(&format!("127.0.0.1_{}_dir", ca.addr.port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+
+    let args: Vec<String> = [
+        "--map",
+        &format!("127.0.0.1:0:{backend}"),
+        "--acme-domain",
+        NAMES[0],
+        "--acme-domain",
+        NAMES[1],
+        "--acme-directory",
+        &ca.directory_url(),
+        "--acme-ca-root",
+        pki.ca.to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let fwd = start(&args);
+    let order = fwd
+        .wait_for(|e| msg(e) == "ordering a certificate", 1, ISSUE)
+        .remove(0);
+    assert!(
+        order["reason"].as_str().unwrap().contains("(ARI)"),
+        "{order}"
+    );
+    let asked = ca.renewal_info.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    // The certificate identifier is base64url(AKI) "." base64url(serial).
+    let id = asked[0].trim_start_matches("/renewal-info/");
+    assert_eq!(id.split('.').count(), 2, "{id}");
+    // Rate-limited for an hour, as told: no second order during this test.
+    fwd.wait_for(
+        |e| msg(e).starts_with("certificate renewal failed"),
+        1,
+        ISSUE,
+    );
+    assert_eq!(ca.orders.lock().unwrap().len(), 1);
 }

@@ -320,14 +320,24 @@ pub fn fingerprint(der: &[u8]) -> String {
 
 /// A stand-in ACME CA over HTTPS that creates accounts but answers every new
 /// order with a rate-limit error and `Retry-After: retry_after` seconds.
+/// With an ARI window it also offers `renewalInfo` and suggests that window.
 pub struct RateLimitedCa {
     pub addr: SocketAddr,
     /// When each new-order request arrived.
     pub orders: Arc<Mutex<Vec<Instant>>>,
+    /// The paths of the renewal-information requests.
+    pub renewal_info: Arc<Mutex<Vec<String>>>,
 }
+
+/// A suggested renewal window, RFC 3339 start and end.
+pub type AriWindow = Option<(String, String)>;
 
 impl RateLimitedCa {
     pub async fn start(pki: &Pki, retry_after: u64) -> RateLimitedCa {
+        Self::start_with_ari(pki, retry_after, None).await
+    }
+
+    pub async fn start_with_ari(pki: &Pki, retry_after: u64, ari: AriWindow) -> RateLimitedCa {
         use rustls::pki_types::pem::PemObject;
         let chain = rustls::pki_types::CertificateDer::pem_file_iter(&pki.cert)
             .unwrap()
@@ -346,19 +356,28 @@ impl RateLimitedCa {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let orders = Arc::new(Mutex::new(Vec::new()));
-        let o = orders.clone();
+        let renewal_info = Arc::new(Mutex::new(Vec::new()));
+        let seen = Seen {
+            orders: orders.clone(),
+            renewal_info: renewal_info.clone(),
+        };
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
-                let orders = o.clone();
+                let seen = seen.clone();
+                let ari = ari.clone();
                 tokio::spawn(async move {
                     if let Ok(tls) = acceptor.accept(tcp).await {
-                        let _ = serve_acme(tls, addr, retry_after, orders).await;
+                        let _ = serve_acme(tls, addr, retry_after, ari, seen).await;
                     }
                 });
             }
         });
-        RateLimitedCa { addr, orders }
+        RateLimitedCa {
+            addr,
+            orders,
+            renewal_info,
+        }
     }
 
     pub fn directory_url(&self) -> String {
@@ -366,11 +385,19 @@ impl RateLimitedCa {
     }
 }
 
+/// What the stand-in CA records.
+#[derive(Clone)]
+struct Seen {
+    orders: Arc<Mutex<Vec<Instant>>>,
+    renewal_info: Arc<Mutex<Vec<String>>>,
+}
+
 async fn serve_acme<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     stream: S,
     addr: SocketAddr,
     retry_after: u64,
-    orders: Arc<Mutex<Vec<Instant>>>,
+    ari: AriWindow,
+    seen: Seen,
 ) -> std::io::Result<()> {
     use tokio::io::AsyncBufReadExt;
     let mut stream = tokio::io::BufReader::new(stream);
@@ -407,17 +434,28 @@ async fn serve_acme<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         stream.read_exact(&mut body).await?;
         nonce += 1;
         let (status, extra, body) = match (method.as_str(), path.as_str()) {
-            ("GET", "/dir") => (
-                "200 OK",
-                String::new(),
-                serde_json::json!({
+            ("GET", "/dir") => {
+                let mut dir = serde_json::json!({
                     "newNonce": format!("{base}/nonce"),
                     "newAccount": format!("{base}/account"),
                     "newOrder": format!("{base}/order"),
                     "meta": { "termsOfService": "https://stand-in.example/terms" }
-                })
-                .to_string(),
-            ),
+                });
+                if ari.is_some() {
+                    dir["renewalInfo"] = format!("{base}/renewal-info").into();
+                }
+                ("200 OK", String::new(), dir.to_string())
+            }
+            ("GET", p) if p.starts_with("/renewal-info/") && ari.is_some() => {
+                seen.renewal_info.lock().unwrap().push(p.to_string());
+                let (start, end) = ari.clone().unwrap();
+                (
+                    "200 OK",
+                    "Retry-After: 3600\r\n".to_string(),
+                    serde_json::json!({ "suggestedWindow": { "start": start, "end": end } })
+                        .to_string(),
+                )
+            }
             ("HEAD", "/nonce") | ("GET", "/nonce") => ("200 OK", String::new(), String::new()),
             ("POST", "/account") => (
                 "201 Created",
@@ -425,7 +463,7 @@ async fn serve_acme<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 r#"{"status":"valid"}"#.to_string(),
             ),
             ("POST", "/order") => {
-                orders.lock().unwrap().push(Instant::now());
+                seen.orders.lock().unwrap().push(Instant::now());
                 (
                     "429 Too Many Requests",
                     format!("Retry-After: {retry_after}\r\n"),
