@@ -6,6 +6,7 @@
 #![allow(unsafe_code)]
 
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rustls::sign::CertifiedKey;
@@ -16,6 +17,8 @@ pub struct Notifier {
     target: Option<(UnixDatagram, UnixAddr)>,
     /// Half of `WATCHDOG_USEC`, when the watchdog is on for this process.
     watchdog: Option<Duration>,
+    /// Set after a failed send, so that a gone socket does not warn at every watchdog tick.
+    failing: AtomicBool,
 }
 
 /// Parses `NOTIFY_SOCKET`: an absolute path, or `@name` for the abstract namespace.
@@ -82,7 +85,11 @@ impl Notifier {
                 std::process::id(),
             )
         });
-        Notifier { target, watchdog }
+        Notifier {
+            target,
+            watchdog,
+            failing: AtomicBool::new(false),
+        }
     }
 
     /// A notifier that sends nothing.
@@ -105,11 +112,15 @@ impl Notifier {
             return;
         };
         let msg = lines.join("\n");
-        if let Err(e) = sock.send_to_addr(msg.as_bytes(), addr) {
-            tracing::warn!(
+        match sock.send_to_addr(msg.as_bytes(), addr) {
+            Ok(_) => self.failing.store(false, Ordering::Relaxed),
+            Err(e) if self.failing.swap(true, Ordering::Relaxed) => {
+                tracing::debug!(state = %msg.replace('\n', " "), "cannot notify the service manager: {e}")
+            }
+            Err(e) => tracing::warn!(
                 state = %msg.replace('\n', " "),
                 "cannot notify the service manager: {e}"
-            );
+            ),
         }
     }
 
@@ -276,7 +287,7 @@ mod tests {
         let rx = UnixDatagram::bind_addr(&addr).unwrap();
         let n = Notifier {
             target: Some((UnixDatagram::unbound().unwrap(), addr)),
-            watchdog: None,
+            ..Notifier::default()
         };
         n.ready("a\nb");
         let mut buf = [0u8; 256];
