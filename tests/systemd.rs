@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::systemd::{
-    field, free_ports, listening_inodes, socket_activate, wait_listening, NotifySocket,
+    field, free_ports, listening_inodes, socket_activate, wait_listening, wait_stderr, NotifySocket,
 };
 use common::{backends, msg, pattern, sha256, tls_connect, Pki, Tcpfwd, BIN};
 use rustls::pki_types::pem::PemObject;
@@ -59,19 +59,11 @@ fn leaf_of(path: &Path) -> CertificateDer<'static> {
         .unwrap()
 }
 
-/// Connects with retries while `systemd-socket-activate` is still starting to listen.
+/// Connects to a port that `wait_listening` has seen listening.
 async fn connect(port: u16) -> TcpStream {
-    let deadline = Instant::now() + T;
-    loop {
-        match TcpStream::connect(("127.0.0.1", port)).await {
-            Ok(s) => return s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("cannot connect to 127.0.0.1:{port}: {e}"),
-        }
-    }
+    TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to 127.0.0.1:{port}: {e}"))
 }
 
 fn args_of(maps: &[String], pki: &Pki) -> Vec<String> {
@@ -191,10 +183,12 @@ async fn activation_error(ports: &[u16], maps: &[String]) -> String {
         &strs(&args_of(maps, &pki)),
     ));
     wait_listening(fwd.pid(), ports.len(), T);
-    let _trigger = connect(ports[0]).await;
+    // Only to start tcpfwd: it may fail (reset) if tcpfwd exits before connect returns.
+    let _trigger = TcpStream::connect(("127.0.0.1", ports[0])).await;
     let status = tokio::task::block_in_place(|| fwd.wait_exit(T)).expect("tcpfwd should exit");
-    assert_eq!(status.code(), Some(2), "{}", fwd.stderr());
-    fwd.stderr()
+    let err = wait_stderr(&fwd, "tcpfwd: error: ", T);
+    assert_eq!(status.code(), Some(2), "{err}");
+    err
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,6 +272,8 @@ async fn notify_ready_status_watchdog_and_stopping() {
     );
     let ready = notify.wait_for_async(is_ready, 1, T).await;
     let status = field(&ready[0], "STATUS").unwrap();
+    // The log and the notify socket are read by different threads: wait for the log too.
+    fwd.wait_for_async(|e| msg(e) == "listening", 1, T).await;
     let addr = fwd.addr(0);
     assert!(
         status.starts_with(&format!("Serving {addr} -> {echo}; certificate ")),
@@ -347,6 +343,7 @@ async fn reloadable(pki: &Pki, dir: &common::TempDir, notify: &NotifySocket) -> 
         .env("NOTIFY_SOCKET", notify.env_value());
     let fwd = Tcpfwd::spawn(cmd);
     notify.wait_for_async(is_ready, 1, T).await;
+    fwd.wait_for_async(|e| msg(e) == "listening", 1, T).await;
     fwd
 }
 
@@ -381,6 +378,8 @@ async fn sighup_serves_a_new_pair_to_new_handshakes_while_an_open_transfer_conti
         }
     });
     w.write_all(&data[..half]).await.unwrap();
+    // TLS may hold the tail in its buffer until a flush.
+    w.flush().await.unwrap();
     let deadline = Instant::now() + T;
     while received.load(Ordering::SeqCst) < half {
         assert!(Instant::now() < deadline, "the first half never came back");

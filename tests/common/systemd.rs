@@ -228,3 +228,20 @@ pub fn wait_listening(pid: i32, n: usize, within: Duration) -> BTreeSet<u64> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits until the process's stderr holds `needle` (its reader thread may lag
+/// behind the exit); returns all of stderr. Panics with it on timeout.
+pub fn wait_stderr(fwd: &super::Tcpfwd, needle: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let err = fwd.stderr();
+        if err.contains(needle) {
+            return err;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stderr never said {needle:?}:\n{err}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
