@@ -153,7 +153,7 @@ fn check(fd: RawFd, name: &Option<String>, socket: &Socket) -> Result<SocketAddr
     }
     if !socket.is_listener().map_err(|e| bad(e.to_string()))? {
         return Err(bad(
-            "is a connection, not a listening socket: set Accept=no (the default) in the .socket unit".into(),
+            "is not listening (with Accept=yes systemd passes connections): set Accept=no, the default, in the .socket unit".into(),
         ));
     }
     let local = socket
@@ -378,6 +378,24 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.contains("several maps"), "{e}");
+    }
+
+    #[test]
+    fn only_listening_tcp_sockets_are_taken() {
+        let udp = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+        let e = check(3, &None, &udp).unwrap_err().0;
+        assert!(e.contains("fd 3 is not a stream (TCP) socket"), "{e}");
+        let unix = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        let e = check(4, &Some("x".into()), &unix).unwrap_err().0;
+        assert!(e.contains("fd 4 (name 'x') is not an IP socket"), "{e}");
+        let tcp = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        tcp.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let e = check(5, &None, &tcp).unwrap_err().0;
+        assert!(e.contains("set Accept=no"), "{e}");
+        tcp.listen(1).unwrap();
+        let local = check(5, &None, &tcp).unwrap();
+        assert_eq!(local.ip(), std::net::Ipv4Addr::LOCALHOST);
     }
 
     #[test]
