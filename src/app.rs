@@ -12,7 +12,7 @@ use crate::config::{CertSource, Config};
 use crate::forward::Context;
 use crate::listener::{self, Listener};
 use crate::notify::Notifier;
-use crate::reload::{Hangups, Reloader, Reloads};
+use crate::reload::{Hangups, Reloader, Reloads, Status};
 use crate::server::{self, Limits};
 use crate::{sys, tls};
 
@@ -27,6 +27,9 @@ pub struct Prepared {
     /// Serves the certificate in force; reloads swap it.
     pub resolver: Arc<tls::CertResolver>,
 }
+
+/// How often `STATUS=` is sent again, so that "expires in N days" stays true.
+const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What the service manager handed over, taken in `main` before threads start.
 #[derive(Default)]
@@ -133,6 +136,16 @@ pub async fn run_with(
         shutdown_timeout: config.shutdown_timeout,
     };
     let notifier = systemd.notifier;
+    let status = Status::new(
+        notifier.clone(),
+        prepared.resolver.clone(),
+        matches!(config.cert, CertSource::SelfSigned { .. }),
+        prepared
+            .listeners
+            .iter()
+            .map(|l| format!("{} -> {}", l.local_addr, l.map.backend))
+            .collect(),
+    );
     let reloads = Reloads {
         hangups,
         reloader: Reloader {
@@ -141,21 +154,18 @@ pub async fn run_with(
             resolver: prepared.resolver,
         },
         notifier: notifier.clone(),
-        maps: prepared
-            .listeners
-            .iter()
-            .map(|l| format!("{} -> {}", l.local_addr, l.map.backend))
-            .collect(),
+        status: status.clone(),
     };
-    let status = reloads.status();
-    tracing::info!(%status, "ready");
-    notifier.ready(&status);
+    tracing::info!(status = %status.line(), "ready");
+    status.ready();
     let reloading = tokio::spawn(reloads.run());
     let watchdog = tokio::spawn(notifier.clone().run_watchdog());
+    let refresh = tokio::spawn(status.refresh_every(STATUS_REFRESH));
     let shutdown = async {
         shutdown.await;
-        // No reload (and so no READY=1) once stopping has begun.
+        // No reload (and so no READY=1) or status once stopping has begun.
         reloading.abort();
+        refresh.abort();
         notifier.stopping("Stopping: finishing open connections");
     };
     server::run(prepared.listeners, prepared.ctx, limits, shutdown).await;

@@ -3,7 +3,7 @@
 //! Open connections keep the certificate they were made with; every handshake
 //! after a successful reload gets the new one.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::crypto::CryptoProvider;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -52,11 +52,6 @@ impl Reloader {
             )),
         }
     }
-
-    /// Whether the certificate in force is the self-signed default.
-    pub fn self_signed(&self) -> bool {
-        matches!(self.source, CertSource::SelfSigned { .. })
-    }
 }
 
 /// The SIGHUP handler, installed at start so that a failure shows before serving
@@ -70,7 +65,85 @@ impl Hangups {
     }
 }
 
-/// Everything the reload loop needs to answer SIGHUP and update `STATUS=`.
+/// The `STATUS=` line, built from what is served now; cheap to clone.
+///
+/// Anything that swaps the certificate outside a reload (ACME renewals) calls
+/// [`Status::send`] afterwards so that `systemctl status` shows the new one.
+#[derive(Clone)]
+pub struct Status {
+    inner: Arc<StatusInner>,
+}
+
+struct StatusInner {
+    notifier: Arc<Notifier>,
+    resolver: Arc<CertResolver>,
+    self_signed: bool,
+    maps: Vec<String>,
+    /// Why the last reload failed, until one succeeds.
+    reload_error: Mutex<Option<String>>,
+}
+
+impl Status {
+    /// Status for `maps` (as shown) served with the resolver's certificate.
+    pub fn new(
+        notifier: Arc<Notifier>,
+        resolver: Arc<CertResolver>,
+        self_signed: bool,
+        maps: Vec<String>,
+    ) -> Status {
+        Status {
+            inner: Arc::new(StatusInner {
+                notifier,
+                resolver,
+                self_signed,
+                maps,
+                reload_error: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The current line.
+    pub fn line(&self) -> String {
+        let i = &self.inner;
+        let line = notify::status_line(&i.maps, &i.resolver.current(), i.self_signed);
+        match &*i.reload_error.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => format!("{line} (last reload failed: {e})"),
+            None => line,
+        }
+    }
+
+    /// Sends the current line as `STATUS=`.
+    pub fn send(&self) {
+        self.inner.notifier.status(&self.line());
+    }
+
+    /// Sends `READY=1` with the current line.
+    pub fn ready(&self) {
+        self.inner.notifier.ready(&self.line());
+    }
+
+    fn set_reload_error(&self, e: Option<String>) {
+        *self
+            .inner
+            .reload_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = e;
+    }
+
+    /// Sends the line again every `every`, so that "expires in N days" stays true.
+    pub async fn refresh_every(self, every: std::time::Duration) {
+        if !self.inner.notifier.enabled() {
+            return;
+        }
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tick.tick().await;
+            self.send();
+        }
+    }
+}
+
+/// Everything the reload loop needs to answer SIGHUP.
 pub struct Reloads {
     /// The SIGHUP stream.
     pub hangups: Hangups,
@@ -78,40 +151,28 @@ pub struct Reloads {
     pub reloader: Reloader,
     /// Where to report.
     pub notifier: Arc<Notifier>,
-    /// The maps served, as shown in `STATUS=`.
-    pub maps: Vec<String>,
+    /// The status line to send with READY=1.
+    pub status: Status,
 }
 
 impl Reloads {
-    /// The current status line.
-    pub fn status(&self) -> String {
-        notify::status_line(
-            &self.maps,
-            &self.reloader.resolver.current(),
-            self.reloader.self_signed(),
-        )
-    }
-
     /// Answers every SIGHUP, forever: RELOADING=1, reload, READY=1 with the new status.
     pub async fn run(mut self) {
         while self.hangups.0.recv().await.is_some() {
             self.notifier.reloading();
             tracing::info!(signal = "SIGHUP", "reload requested");
-            let status = match self.reloader.reload() {
+            match self.reloader.reload() {
                 Ok(Outcome::Replaced(sha256)) => {
                     tracing::info!(%sha256, "certificate reloaded; new handshakes get it");
-                    self.status()
+                    self.status.set_reload_error(None);
                 }
-                Ok(Outcome::Nothing(why)) => {
-                    tracing::info!("nothing to reload: {why}");
-                    self.status()
-                }
+                Ok(Outcome::Nothing(why)) => tracing::info!("nothing to reload: {why}"),
                 Err(e) => {
                     tracing::error!("reload failed, still serving the previous certificate: {e:#}");
-                    format!("{} (last reload failed: {e:#})", self.status())
+                    self.status.set_reload_error(Some(format!("{e:#}")));
                 }
-            };
-            self.notifier.ready(&status);
+            }
+            self.status.ready();
         }
     }
 }

@@ -456,4 +456,18 @@ async fn sighup_with_a_bad_pair_keeps_the_old_certificate_serving() {
         .await
         .unwrap();
     assert_eq!(served(&s), old_leaf);
+
+    // A good pair again: served, and the status forgets the failure.
+    let (good_cert, good_key) = pki.leaf("fixed", &["localhost"]);
+    replace(&dir.join("key.pem"), &good_key);
+    replace(&dir.join("cert.pem"), &good_cert);
+    fwd.signal(libc::SIGHUP);
+    let ready = notify.wait_for_async(is_ready, 4, T).await;
+    let status = field(&ready[3], "STATUS").unwrap();
+    assert!(status.contains("CN=tcpfwd test fixed"), "{status}");
+    assert!(!status.contains("failed"), "{status}");
+    let s = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
+        .await
+        .unwrap();
+    assert_eq!(served(&s), leaf_of(&good_cert));
 }
