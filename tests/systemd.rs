@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::systemd::{
-    field, free_ports, listening_inodes, socket_activate, wait_listening, wait_stderr, NotifySocket,
+    field, free_ports, listening_inodes, socket_activate, socket_activate_on, wait_listening,
+    wait_stderr, NotifySocket,
 };
 use common::{backends, msg, pattern, sha256, tls_connect, Pki, Tcpfwd, BIN};
 use rustls::pki_types::pem::PemObject;
@@ -171,6 +172,47 @@ async fn fdname_naming_a_port_picks_the_map_over_the_address() {
     assert_eq!(read_all(tls_over(&pki, first).await).await, "backend B");
     let second = tls_over(&pki, connect(ports[1]).await).await;
     assert_eq!(read_all(second).await, "backend A");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_map_takes_an_ipv4_and_an_ipv6_socket() {
+    assert!(
+        common::has_ipv6_loopback(),
+        "this host has no IPv6 loopback (::1): the IPv6 activation test cannot run here"
+    );
+    let pki = Pki::new();
+    let echo = backends::echo().await;
+    let port = free_ports(1)[0];
+    let notify = NotifySocket::new();
+    let listens = [format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
+    let args = args_of(&[format!("{port}:{echo}")], &pki);
+    let fwd = Tcpfwd::spawn(socket_activate_on(
+        &listens,
+        None,
+        &[("NOTIFY_SOCKET", notify.env_value())],
+        &strs(&args),
+    ));
+    let before = wait_listening(fwd.pid(), 2, T);
+    let first = connect(port).await;
+    notify.wait_for_async(is_ready, 1, T).await;
+    assert_eq!(listening_inodes(fwd.pid()), before);
+    let mut v4 = tls_over(&pki, first).await;
+    let mut v6 = tls_connect(
+        pki.client_config(),
+        format!("[::1]:{port}").parse().unwrap(),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    for s in [&mut v4, &mut v6] {
+        s.write_all(b"both").await.unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"both");
+    }
+    let used = fwd.wait_for(|e| msg(e) == "using the socket passed by systemd", 2, T);
+    let expected_map = format!("{port}:{echo}");
+    assert!(used.iter().all(|e| e["map"] == expected_map.as_str()));
 }
 
 /// Runs tcpfwd under systemd-socket-activate expecting a start-up error; returns its stderr.

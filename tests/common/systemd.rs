@@ -157,10 +157,21 @@ pub fn socket_activate(
     env: &[(&str, &str)],
     args: &[&str],
 ) -> Command {
+    let listens: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    socket_activate_on(&listens, fdnames, env, args)
+}
+
+/// `socket_activate` on any addresses, like `[::1]:8443`.
+pub fn socket_activate_on(
+    listens: &[String],
+    fdnames: Option<&str>,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Command {
     require_tool("systemd-socket-activate");
     let mut cmd = Command::new("systemd-socket-activate");
-    for p in ports {
-        cmd.arg(format!("--listen=127.0.0.1:{p}"));
+    for l in listens {
+        cmd.arg(format!("--listen={l}"));
     }
     if let Some(names) = fdnames {
         cmd.arg(format!("--fdname={names}"));
