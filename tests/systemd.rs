@@ -513,3 +513,25 @@ async fn sighup_with_a_bad_pair_keeps_the_old_certificate_serving() {
         .unwrap();
     assert_eq!(served(&s), leaf_of(&good_cert));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_the_self_signed_default_only_logs_and_keeps_serving() {
+    let echo = backends::echo().await;
+    let mut fwd = Tcpfwd::start(&["--map", &format!("127.0.0.1:0:{echo}")]);
+    fwd.signal(libc::SIGHUP);
+    fwd.wait_for_async(|e| msg(e).starts_with("nothing to reload"), 1, T)
+        .await;
+    assert!(
+        fwd.child.try_wait().unwrap().is_none(),
+        "SIGHUP ended tcpfwd"
+    );
+    // Still serving: a handshake gets the self-signed certificate.
+    let pki = Pki::new();
+    let err = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "the self-signed certificate should be served (and not trusted): {err}"
+    );
+}
