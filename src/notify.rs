@@ -41,7 +41,8 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<D
             return None;
         }
     }
-    Some(Duration::from_micros(usec / 2))
+    // Never zero: a zero period would panic the timer.
+    Some(Duration::from_micros((usec / 2).max(1)))
 }
 
 /// CLOCK_MONOTONIC in microseconds, the clock `MONOTONIC_USEC=` is read against.
@@ -268,6 +269,10 @@ mod tests {
         );
         assert_eq!(watchdog_interval(Some("4000000"), Some("8"), 9), None);
         assert_eq!(watchdog_interval(Some("0"), None, 9), None);
+        assert_eq!(
+            watchdog_interval(Some("1"), None, 9),
+            Some(Duration::from_micros(1))
+        );
         assert_eq!(watchdog_interval(Some("x"), None, 9), None);
         assert_eq!(watchdog_interval(None, Some("9"), 9), None);
     }
