@@ -369,6 +369,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, vec![1, 0]);
+        // The README's example: a second unit adds port 8443 to the map for 443.
+        let got = assign(
+            &m,
+            &[
+                sock(3, Some("tcpfwd.socket"), "[::]:443"),
+                sock(4, Some("tcpfwd.socket"), "[::]:7682"),
+                sock(5, Some("443"), "[::]:8443"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(got, vec![0, 1, 0]);
         let e = assign(&m, &[sock(3, Some("444"), "127.0.0.1:443")])
             .unwrap_err()
             .0;
