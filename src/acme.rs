@@ -521,6 +521,7 @@ struct Manager {
     task: Task,
     resolver: Arc<CertResolver>,
     router: Arc<TlsRouter>,
+    on_swap: OnSwap,
     directory: Option<DirectoryInfo>,
     account: Option<Account>,
     /// The ARI window we last chose a time in, and that time.
@@ -531,13 +532,17 @@ struct Manager {
     logged_renewal: Option<SystemTime>,
 }
 
+/// Called after each certificate swap (to refresh the systemd status line).
+pub type OnSwap = Box<dyn Fn() + Send + Sync>;
+
 impl Task {
     /// Starts the background task that orders and renews the certificate.
-    pub fn spawn(self, resolver: Arc<CertResolver>, router: Arc<TlsRouter>) {
+    pub fn spawn(self, resolver: Arc<CertResolver>, router: Arc<TlsRouter>, on_swap: OnSwap) {
         let m = Manager {
             task: self,
             resolver,
             router,
+            on_swap,
             directory: None,
             account: None,
             ari_choice: None,
@@ -1007,6 +1012,7 @@ impl Manager {
             .map_err(|e| anyhow!("the CA's certificate has no leaf: {e}"))?;
         let info = CertInfo::from_leaf(leaf).map_err(|e| anyhow!(e))?;
         self.resolver.set(ck);
+        (self.on_swap)();
         let saved = self
             .task
             .state
