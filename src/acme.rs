@@ -713,7 +713,7 @@ impl Manager {
                 .await
                 .context("fetching renewal information")?;
             self.ari_next_check = SystemTime::now()
-                + retry.clamp(Duration::from_secs(60), 86_400 * Duration::from_secs(1));
+                + retry.clamp(Duration::from_secs(60), Duration::from_secs(86_400));
             let w = info.suggested_window;
             Ok(Some((w.start.into(), w.end.into())))
         }

@@ -538,3 +538,82 @@ async fn renewal_follows_the_ca_renewal_window_when_offered() {
     );
     assert_eq!(ca.orders.lock().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_account_is_logged_and_external_account_binding_works() {
+    const KID: &str = "kid-1";
+    const HMAC: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let backend = backends::echo().await;
+    let mut pebble = Pebble::with_config(
+        free_port(),
+        serde_json::json!({
+            "externalAccountBindingRequired": true,
+            "externalAccountMACKeys": { KID: HMAC },
+        }),
+    );
+    pebble.start();
+    let state = TempDir::new("acme-eab");
+    let mut args = tcpfwd_args(&pebble, state.path(), backend);
+
+    // Without a binding the CA refuses the account: the log names the URL and the CA's problem.
+    let fwd = start(&args);
+    let failed = fwd
+        .wait_for(|e| msg(e).starts_with("certificate order failed"), 1, ISSUE)
+        .remove(0);
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("cannot create an ACME account at"),
+        "{failed}"
+    );
+    assert!(error.contains(&pebble.directory_url()), "{failed}");
+    assert!(error.contains("externalAccountRequired"), "{failed}");
+    assert!(
+        failed["url"].as_str().unwrap().contains("POST https://"),
+        "{failed}"
+    );
+    // Forwarding goes on meanwhile.
+    echo_through(&fwd, 1, b"forwarding while refused").await;
+    drop(fwd);
+
+    args.extend(["--acme-eab-kid", KID].map(String::from));
+    let mut cmd = Tcpfwd::command();
+    cmd.args(&args).env("TCPFWD_ACME_EAB_HMAC_KEY", HMAC);
+    let fwd = Tcpfwd::spawn(cmd);
+    fwd.wait_for(|e| msg(e) == "created an ACME account", 1, ISSUE);
+    fwd.wait_for(issued, 1, ISSUE);
+    assert!(!fwd.stderr().contains(HMAC), "the HMAC key was logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_directory_url_is_named_with_what_the_server_answered() {
+    let pki = common::Pki::new();
+    let ca = RateLimitedCa::start(&pki, 1).await;
+    let backend = backends::echo().await;
+    let state = TempDir::new("acme-wrongdir");
+    let wrong = format!("https://{}/directory-typo", ca.addr);
+    let args: Vec<String> = [
+        "--map",
+        &format!("127.0.0.1:0:{backend}"),
+        "--acme-domain",
+        NAMES[0],
+        "--acme-directory",
+        &wrong,
+        "--acme-ca-root",
+        pki.ca.to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let fwd = start(&args);
+    let failed = fwd
+        .wait_for(|e| msg(e).starts_with("certificate order failed"), 1, ISSUE)
+        .remove(0);
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("the ACME directory {wrong} answered 404")),
+        "{failed}"
+    );
+    assert_eq!(failed["status"], 404, "{failed}");
+    echo_through(&fwd, 0, b"still forwarding").await;
+}

@@ -123,6 +123,15 @@ impl Pebble {
     /// Writes the configuration and starts the DNS server; `start` starts the CA.
     /// `validity` sets Pebble's certificate lifetime in seconds.
     pub fn new(tls_port: u16, validity: Option<u64>) -> Pebble {
+        let mut extra = serde_json::json!({});
+        if let Some(v) = validity {
+            extra["certificateValidityPeriod"] = v.into();
+        }
+        Self::with_config(tls_port, extra)
+    }
+
+    /// `new` with more keys for Pebble's configuration object (external account binding, ...).
+    pub fn with_config(tls_port: u16, extra: serde_json::Value) -> Pebble {
         require_tool("pebble");
         require_tool("pebble-challtestsrv");
         let dir = TempDir::new("pebble");
@@ -143,8 +152,8 @@ impl Pebble {
                 "externalAccountBindingRequired": false,
             }
         });
-        if let Some(v) = validity {
-            cfg["pebble"]["certificateValidityPeriod"] = v.into();
+        for (k, v) in extra.as_object().unwrap() {
+            cfg["pebble"][k] = v.clone();
         }
         let config = dir.join("pebble-config.json");
         std::fs::write(&config, cfg.to_string()).unwrap();
