@@ -45,8 +45,10 @@ pub fn ca_dir_name(directory_url: &str) -> String {
     }
 }
 
-/// Creates `path` (and parents) with mode 0700, or tightens it to 0700 if it exists.
-fn ensure_private_dir(path: &Path) -> anyhow::Result<()> {
+/// Creates `path` (and parents) with mode 0700. An existing directory is
+/// tightened to 0700 only if `tighten` (never a directory the user named,
+/// which might be shared, like /tmp); otherwise a loose mode is only reported.
+fn ensure_private_dir(path: &Path, tighten: bool) -> anyhow::Result<()> {
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -59,8 +61,15 @@ fn ensure_private_dir(path: &Path) -> anyhow::Result<()> {
         })?;
     let meta = fs::metadata(path)
         .with_context(|| format!("cannot read the state directory {}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(0o700)) {
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        if !tighten {
+            tracing::debug!(
+                dir = %path.display(),
+                mode = format!("{mode:o}"),
+                "the state directory is open to others; the ACME files are kept in a 0700 sub-directory"
+            );
+        } else if let Err(e) = fs::set_permissions(path, fs::Permissions::from_mode(0o700)) {
             tracing::warn!(
                 dir = %path.display(),
                 "the state directory is readable by others and cannot be made private: {e}"
@@ -76,7 +85,7 @@ impl StateDir {
     /// A second tcpfwd on the same `root` is refused: both would order
     /// certificates and overwrite each other's files.
     pub fn open(root: &Path, directory_url: &str) -> anyhow::Result<StateDir> {
-        ensure_private_dir(root)?;
+        ensure_private_dir(root, false)?;
         let lock_path = root.join("lock");
         let mut lock = OpenOptions::new()
             .read(true)
@@ -111,7 +120,7 @@ impl StateDir {
         let _ = lock.set_len(0);
         let _ = writeln!(lock, "{}", std::process::id());
         let dir = root.join(ca_dir_name(directory_url));
-        ensure_private_dir(&dir)?;
+        ensure_private_dir(&dir, true)?;
         Ok(StateDir { dir, _lock: lock })
     }
 
@@ -198,10 +207,9 @@ mod tests {
     fn files_are_private_atomic_and_locked() {
         let root = tempdir("lock");
         let s = StateDir::open(&root, "https://ca.test/dir").unwrap();
-        assert_eq!(
-            fs::metadata(&root).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&s.path("")), 0o700);
         s.write("a", b"one").unwrap();
         s.write("a", b"two").unwrap();
         assert_eq!(s.read("a").unwrap().unwrap(), b"two");
@@ -218,7 +226,12 @@ mod tests {
         let aside = s.move_aside("a", "corrupt").unwrap();
         assert!(aside.exists() && s.read("a").unwrap().is_none());
         drop(s);
-        StateDir::open(&root, "https://ca.test/dir").unwrap();
+        // An existing, shared directory keeps its mode; the CA's sub-directory is 0700.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(root.join("ca.test_dir"), fs::Permissions::from_mode(0o755)).unwrap();
+        let s = StateDir::open(&root, "https://ca.test/dir").unwrap();
+        assert_eq!(mode(&root), 0o755);
+        assert_eq!(mode(&s.path("")), 0o700);
         fs::remove_dir_all(&root).unwrap();
     }
 }

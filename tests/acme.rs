@@ -128,8 +128,10 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
     let backend = backends::echo().await;
     let mut pebble = Pebble::new(free_port(), None);
     pebble.start();
-    let state = TempDir::new("acme-state");
-    let args = tcpfwd_args(&pebble, state.path(), backend);
+    let tmp = TempDir::new("acme-state");
+    // Not there yet: tcpfwd creates it, 0700.
+    let state = tmp.join("state");
+    let args = tcpfwd_args(&pebble, &state, backend);
 
     let fwd = start(&args);
     // The placeholder is served at once, and the terms of service are named.
@@ -170,8 +172,8 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
     assert_eq!(served_fingerprint(fwd.addr(1).port(), NAMES[0]), fp);
 
     // State: directory 0700, files 0600.
-    let ca = ca_dir(state.path(), &pebble);
-    assert_eq!(mode(state.path()), 0o700);
+    let ca = ca_dir(&state, &pebble);
+    assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&ca), 0o700);
     for f in ["account.json", "cert.pem", "key.pem"] {
         assert_eq!(mode(&ca.join(f)), 0o600, "{f}");
