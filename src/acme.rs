@@ -46,6 +46,9 @@ const MAX_SLEEP: Duration = Duration::from_secs(3600);
 const BACKOFF_BASE: Duration = Duration::from_secs(5);
 /// Longest retry delay of our own choosing.
 const BACKOFF_CAP: Duration = Duration::from_secs(3600);
+/// Shortest wait after the CA refused something (see [`refused_by_ca`]):
+/// repeating a refused request at once only spends the CA's rate limits.
+const REFUSED_FLOOR: Duration = Duration::from_secs(60);
 /// Longest `Retry-After` honoured, against a CA that asks for something absurd.
 const RETRY_AFTER_CAP: Duration = Duration::from_secs(86_400);
 
@@ -500,6 +503,32 @@ impl Drop for Challenges {
     }
 }
 
+/// The CA could not validate the names: worth a slower retry, since CAs
+/// limit failed validations (Let's Encrypt: 5 per name per hour).
+#[derive(Debug)]
+struct ValidationFailed(String);
+
+impl std::fmt::Display for ValidationFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ValidationFailed {}
+
+/// Whether the CA answered and said no (a problem document other than
+/// badNonce, or a failed validation), as opposed to not answering at all.
+fn refused_by_ca(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<ValidationFailed>()
+            || matches!(
+                c.downcast_ref::<instant_acme::Error>(),
+                Some(instant_acme::Error::Api(p))
+                    if !p.r#type.as_deref().unwrap_or("").ends_with(":badNonce")
+            )
+    })
+}
+
 /// Whether an ACME error is this problem type (`urn:ietf:params:acme:error:<kind>`).
 fn is_problem(e: &anyhow::Error, kind: &str) -> bool {
     e.chain().any(|c| {
@@ -595,7 +624,11 @@ impl Manager {
                     {
                         told = Some(at.saturating_duration_since(std::time::Instant::now()));
                     }
-                    let wait = backoff.next(random(), told);
+                    let mut wait = backoff.next(random(), told);
+                    // A CA that says when to come back is obeyed to the second.
+                    if told.is_none() && refused_by_ca(&e) {
+                        wait = wait.max(REFUSED_FLOOR);
+                    }
                     self.log_failure(&e, failure.as_ref(), told, wait);
                     tokio::time::sleep(wait).await;
                 }
@@ -992,11 +1025,12 @@ impl Manager {
                 Ok(s) => format!("{s:?}"),
                 Err(e) => error_chain(&e),
             };
-            bail!(
+            return Err(ValidationFailed(format!(
                 "the CA did not validate the names (order {status}{}{}); check that DNS for each name points here and that port 443 reaches tcpfwd",
                 if why.is_empty() { "" } else { "; " },
                 why.join("; ")
-            );
+            ))
+            .into());
         }
         drop(challenges);
 
