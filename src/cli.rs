@@ -147,7 +147,7 @@ pub struct Cli {
     pub threads: Option<u16>,
 
     /// Log level: error, warn, info, debug or trace. RUST_LOG, when set,
-    /// takes precedence and accepts tracing's filter syntax.
+    /// takes precedence: a level, or TARGET=LEVEL pairs such as warn,tcpfwd=debug.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,
 

@@ -68,14 +68,16 @@ impl End {
     }
 }
 
-/// Sets TCP_NODELAY and keepalive so that peers that vanished behind NAT are noticed.
-fn tune(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
+/// Sets TCP_NODELAY and keepalive, so that peers that vanished behind NAT are
+/// noticed. Accepted sockets inherit both from their listener (see
+/// `listener::tune`), so only backend sockets need this.
+pub fn tune(socket: SockRef<'_>) {
+    let _ = socket.set_tcp_nodelay(true);
     let ka = TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(15))
         .with_retries(4);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&ka);
+    let _ = socket.set_tcp_keepalive(&ka);
 }
 
 /// Resolves the backend anew (names follow DHCP changes) and connects to the
@@ -146,7 +148,6 @@ async fn run(
     stats: &Arc<Stats>,
     sni: &mut Option<String>,
 ) -> End {
-    tune(&tcp);
     let handshake = async {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
         let hello = start.client_hello();
@@ -173,7 +174,7 @@ async fn run(
         Err(_) => End::ConnectTimeout,
         Ok(Err(e)) => End::BackendUnreachable(e),
         Ok(Ok(b)) => {
-            tune(&b);
+            tune(SockRef::from(&b));
             let mut client_side = Counted::new(&mut client, Side::Client, stats.clone());
             let mut backend_side = Counted::new(b, Side::Backend, stats.clone());
             let copy = splice::copy_both_ways(&mut client_side, &mut backend_side);

@@ -89,6 +89,9 @@ pub fn bind(map: &MapSpec) -> Result<std::net::TcpListener, BindError> {
 /// Turns a bound (or inherited) non-blocking std socket into a `Listener`.
 pub fn from_std(map: MapSpec, socket: std::net::TcpListener) -> io::Result<Listener> {
     socket.set_nonblocking(true)?;
+    // Linux copies TCP_NODELAY and the keepalive settings from a listener to
+    // every socket it accepts: set once here, not per connection.
+    crate::forward::tune(socket2::SockRef::from(&socket));
     let local_addr = socket.local_addr()?;
     Ok(Listener {
         map: Arc::new(map),
