@@ -1,4 +1,4 @@
-# Shared helpers for the scripts in this folder; sourced, never run.
+# Helpers shared by the Pi, packaging and container scripts; sourced, never run.
 # Every script fails loudly: a missing tool is an error, never a skip.
 
 set -euo pipefail
