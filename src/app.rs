@@ -5,9 +5,14 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
+use rustls::crypto::CryptoProvider;
+
+use crate::activation::{self, Passed};
 use crate::config::{CertSource, Config};
 use crate::forward::Context;
 use crate::listener::{self, Listener};
+use crate::notify::Notifier;
+use crate::reload::{Hangups, Reloader, Reloads, Status};
 use crate::server::{self, Limits};
 use crate::{sys, tls};
 
@@ -17,10 +22,31 @@ pub struct Prepared {
     pub listeners: Vec<Listener>,
     /// Shared per-connection context.
     pub ctx: Arc<Context>,
+    /// The provider the certificates were built with, for reloads.
+    pub provider: Arc<CryptoProvider>,
+    /// Serves the certificate in force; reloads swap it.
+    pub resolver: Arc<tls::CertResolver>,
+}
+
+/// How often `STATUS=` is sent again, so that "expires in N days" stays true.
+const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// What the service manager handed over, taken in `main` before threads start.
+#[derive(Default)]
+pub struct FromSystemd {
+    /// Sockets from socket activation; `None` means bind the maps ourselves.
+    pub sockets: Option<Vec<Passed>>,
+    /// sd_notify target (does nothing when not under systemd).
+    pub notifier: Arc<Notifier>,
 }
 
 /// Loads certificates and opens the listeners; errors here end start-up.
 pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
+    prepare_with(config, None)
+}
+
+/// `prepare`, taking the listeners from `sockets` (socket activation) when given.
+pub fn prepare_with(config: &Config, sockets: Option<Vec<Passed>>) -> anyhow::Result<Prepared> {
     match sys::raise_nofile_limit() {
         Ok((old, new)) if new > old => {
             tracing::debug!(old, new, "raised the open-files limit")
@@ -69,26 +95,80 @@ pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
         }
     };
     let resolver = tls::CertResolver::new(key);
-    let server_config = tls::server_config(provider, resolver, config.alpn.clone())?;
+    let server_config =
+        tls::server_config(provider.clone(), resolver.clone(), config.alpn.clone())?;
     let ctx = Arc::new(Context {
         tls: tls::TlsRouter::new(server_config),
         timeouts: config.timeouts,
     });
 
-    let listeners = listener::bind_all(&config.maps).context("opening the listeners")?;
+    let listeners = match sockets {
+        Some(passed) => activation::listeners(&config.maps, passed)
+            .context("taking the sockets passed by systemd")?,
+        None => listener::bind_all(&config.maps).context("opening the listeners")?,
+    };
     for l in &listeners {
         tracing::info!(map = %l.map, listen = %l.local_addr, backend = %l.map.backend, "listening");
     }
-    Ok(Prepared { listeners, ctx })
+    Ok(Prepared {
+        listeners,
+        ctx,
+        provider,
+        resolver,
+    })
 }
 
 /// Runs until `shutdown` resolves and open connections have drained.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let prepared = prepare(&config)?;
+    run_with(config, FromSystemd::default(), shutdown).await
+}
+
+/// `run` with what systemd handed over: its sockets, sd_notify, SIGHUP reloads.
+pub async fn run_with(
+    config: Config,
+    systemd: FromSystemd,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let hangups = Hangups::install().context("installing the SIGHUP handler")?;
+    let prepared = prepare_with(&config, systemd.sockets)?;
     let limits = Limits {
         max_connections: config.max_connections,
         shutdown_timeout: config.shutdown_timeout,
     };
+    let notifier = systemd.notifier;
+    let status = Status::new(
+        notifier.clone(),
+        prepared.resolver.clone(),
+        matches!(config.cert, CertSource::SelfSigned { .. }),
+        prepared
+            .listeners
+            .iter()
+            .map(|l| format!("{} -> {}", l.local_addr, l.map.backend))
+            .collect(),
+    );
+    let reloads = Reloads {
+        hangups,
+        reloader: Reloader {
+            source: config.cert.clone(),
+            provider: prepared.provider,
+            resolver: prepared.resolver,
+        },
+        notifier: notifier.clone(),
+        status: status.clone(),
+    };
+    tracing::info!(status = %status.line(), "ready");
+    status.ready();
+    let reloading = tokio::spawn(reloads.run());
+    let watchdog = tokio::spawn(notifier.clone().run_watchdog());
+    let refresh = tokio::spawn(status.refresh_every(STATUS_REFRESH));
+    let shutdown = async {
+        shutdown.await;
+        // No reload (and so no READY=1) or status once stopping has begun.
+        reloading.abort();
+        refresh.abort();
+        notifier.stopping("Stopping: finishing open connections");
+    };
     server::run(prepared.listeners, prepared.ctx, limits, shutdown).await;
+    watchdog.abort();
     Ok(())
 }

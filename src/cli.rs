@@ -41,9 +41,25 @@ CERTIFICATES:
 
 DURATIONS are written like 500ms, 10s, 5m, 1h30m or 2d.
 
+SIGNALS:
+  SIGHUP reloads --cert/--key from disk: new handshakes get the new certificate,
+  open connections go on, and a pair that does not load leaves the old one
+  serving. SIGTERM or SIGINT stop accepting and give open connections
+  --shutdown-timeout to finish.
+
+SYSTEMD:
+  Socket activation: tcpfwd takes the sockets systemd passes instead of binding.
+  Each goes to the map with its port (and its address, if the map gives one); a
+  socket whose FileDescriptorName= is a port number goes to the map listening on
+  that port. A socket without a map, or a map without a socket, stops start-up.
+  With NOTIFY_SOCKET set it sends READY=1, STATUS= (maps and certificate),
+  RELOADING=1 around a SIGHUP reload, STOPPING=1, and WATCHDOG=1 when
+  WatchdogSec= is set: use Type=notify, or Type=notify-reload on systemd 253+.
+
 EXIT STATUS:
-  0 after a clean shutdown (SIGTERM or SIGINT), 2 for a bad argument or
-  certificate, 1 for any other start-up failure (for example a port in use).";
+  0 after a clean shutdown (SIGTERM or SIGINT), 2 for a bad argument,
+  certificate or set of sockets from systemd, 1 for any other start-up failure
+  (for example a port in use).";
 
 /// Command-line arguments, parsed by clap.
 #[derive(Debug, Parser)]

@@ -121,7 +121,12 @@ pub async fn serve(
     let reason = end.reason();
     let sni = sni.as_deref().unwrap_or("");
     match &end {
-        End::Closed(_) | End::Expired(_) | End::AcmeChallenge => tracing::info!(
+        // Scanners make handshake failures routine on the internet: info, not warn.
+        End::Closed(_)
+        | End::Expired(_)
+        | End::AcmeChallenge
+        | End::HandshakeFailed(_)
+        | End::HandshakeTimeout => tracing::info!(
             %peer, map = %map, sni, bytes_up = up, bytes_down = down, duration_ms = ms,
             reason, client_close_notify = !no_close_notify, detail = detail.as_deref().unwrap_or(""),
             "connection closed"

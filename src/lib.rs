@@ -6,12 +6,15 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod forward;
 pub mod listener;
 pub mod logging;
+pub mod notify;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod splice;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 use tcpfwd::cli::Cli;
 use tcpfwd::config::Config;
-use tcpfwd::{app, logging, shutdown, tls};
+use tcpfwd::{activation, app, logging, notify, shutdown, tls};
 
 /// Bad arguments, certificates or keys: the user must change something.
 const EXIT_USAGE: u8 = 2;
@@ -25,6 +25,19 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
 
+    // Before the runtime starts threads: this clears the LISTEN_* variables.
+    let sockets = match activation::take_from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tcpfwd: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let systemd = app::FromSystemd {
+        sockets,
+        notifier: std::sync::Arc::new(notify::Notifier::from_env()),
+    };
+
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.threads {
         rt.worker_threads(n.into());
@@ -38,13 +51,15 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         let signals = shutdown::Signals::install()?;
-        app::run(config, signals.recv()).await
+        app::run_with(config, systemd, signals.recv()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tcpfwd: error: {e:#}");
-            if e.chain().any(|c| c.is::<tls::CertError>()) {
+            if e.chain()
+                .any(|c| c.is::<tls::CertError>() || c.is::<activation::ActivationError>())
+            {
                 ExitCode::from(EXIT_USAGE)
             } else {
                 ExitCode::from(EXIT_FAILURE)

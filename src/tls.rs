@@ -168,12 +168,20 @@ pub fn self_signed(extra: &[String], provider: &CryptoProvider) -> anyhow::Resul
             names.push(n.clone());
         }
     }
-    let ck = rcgen::generate_simple_self_signed(names.clone()).map_err(|e| {
+    let fail = |e: rcgen::Error| {
         anyhow::anyhow!("cannot make the self-signed certificate for {names:?}: {e}")
-    })?;
-    let der = ck.cert.der().clone();
+    };
+    let mut params = rcgen::CertificateParams::new(names.clone()).map_err(fail)?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("tcpfwd self-signed ({})", names[0]),
+    );
+    let signing_key = rcgen::KeyPair::generate().map_err(fail)?;
+    let cert = params.self_signed(&signing_key).map_err(fail)?;
+    let der = cert.der().clone();
     let fingerprint = sha256_fingerprint(&der);
-    let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let key = PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
     let key = CertifiedKey::from_der(vec![der], key, provider)
         .map_err(|e| anyhow::anyhow!("cannot load the self-signed certificate: {e}"))?;
     Ok(SelfSigned {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod systemd;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
