@@ -26,6 +26,8 @@ pub struct Prepared {
     pub provider: Arc<CryptoProvider>,
     /// Serves the certificate in force; reloads swap it.
     pub resolver: Arc<tls::CertResolver>,
+    /// The ACME task, started once the listeners are up (`run_with` starts it).
+    pub acme: Option<crate::acme::Task>,
 }
 
 /// How often `STATUS=` is sent again, so that "expires in N days" stays true.
@@ -74,6 +76,7 @@ pub fn prepare_with(config: &Config, sockets: Option<Vec<Passed>>) -> anyhow::Re
     // Also the process default, for any client TLS (ACME) built later.
     let _ = provider.as_ref().clone().install_default();
 
+    let mut acme_task = None;
     let key = match &config.cert {
         CertSource::Files { cert, key } => {
             let ck = tls::load_files(cert, key, &provider)?;
@@ -92,6 +95,11 @@ pub fn prepare_with(config: &Config, sockets: Option<Vec<Passed>>) -> anyhow::Re
                 "serving a self-signed certificate made at start (use --cert/--key for a real one)"
             );
             ss.key
+        }
+        CertSource::Acme(acme) => {
+            let (key, task) = crate::acme::prepare(acme, &provider)?;
+            acme_task = Some(task);
+            key
         }
     };
     let resolver = tls::CertResolver::new(key);
@@ -115,6 +123,7 @@ pub fn prepare_with(config: &Config, sockets: Option<Vec<Passed>>) -> anyhow::Re
         ctx,
         provider,
         resolver,
+        acme: acme_task,
     })
 }
 
@@ -146,6 +155,15 @@ pub async fn run_with(
             .map(|l| format!("{} -> {}", l.local_addr, l.map.backend))
             .collect(),
     );
+    // The listeners are up, so the CA's validation can reach them.
+    if let Some(task) = prepared.acme {
+        let status = status.clone();
+        task.spawn(
+            prepared.resolver.clone(),
+            prepared.ctx.tls.clone(),
+            Box::new(move || status.send()),
+        );
+    }
     let reloads = Reloads {
         hangups,
         reloader: Reloader {

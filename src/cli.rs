@@ -39,6 +39,17 @@ CERTIFICATES:
   localhost, this host's name and every --self-signed-name, and logs its
   SHA-256 fingerprint so that you can check it in your browser.
 
+ACME:
+  --acme-domain asks an ACME CA (Let's Encrypt unless --acme-directory or
+  --acme-staging says otherwise) for a certificate, proving each name over
+  TLS-ALPN-01 on tcpfwd's own TLS port: the CA connects to port 443, so one
+  map must listen there and the name's DNS must point here. Using it agrees
+  to the CA's terms of service (their address is logged). Until the first
+  certificate arrives a self-signed placeholder is served; the certificate
+  is kept in --state-dir and renewed in the background.
+    tcpfwd --map 443:dvr.lan:80 --acme-domain cams.example.org \\
+           --acme-email me@example.org --acme-staging
+
 DURATIONS are written like 500ms, 10s, 5m, 1h30m or 2d.
 
 SIGNALS:
@@ -143,6 +154,77 @@ pub struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
     pub log_format: LogFormat,
+
+    /// Get the certificate from an ACME CA (Let's Encrypt by default) for this
+    /// DNS name, proven over TLS-ALPN-01 on tcpfwd's own port (repeatable; all
+    /// names go on one certificate). Using it means agreeing to the CA's terms
+    /// of service, whose address is logged.
+    #[arg(
+        long = "acme-domain",
+        value_name = "NAME",
+        conflicts_with_all = ["cert", "key", "self_signed_names"]
+    )]
+    pub acme_domains: Vec<String>,
+
+    /// Contact address given to the CA (for expiry warnings from the CA).
+    #[arg(long, value_name = "EMAIL", requires = "acme_domains")]
+    pub acme_email: Option<String>,
+
+    /// ACME directory URL [default: Let's Encrypt production].
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "acme_domains",
+        conflicts_with = "acme_staging"
+    )]
+    pub acme_directory: Option<String>,
+
+    /// Use Let's Encrypt's staging CA: untrusted certificates, generous rate
+    /// limits. Try it first.
+    #[arg(long, requires = "acme_domains")]
+    pub acme_staging: bool,
+
+    /// PEM file with the root certificate to trust for the ACME directory's own
+    /// HTTPS, instead of the system's roots (private CAs, Pebble).
+    #[arg(long, value_name = "FILE", requires = "acme_domains")]
+    pub acme_ca_root: Option<PathBuf>,
+
+    /// Key identifier for external account binding (CAs such as ZeroSSL).
+    #[arg(long, value_name = "KID", requires_all = ["acme_domains", "acme_eab_hmac_key"])]
+    pub acme_eab_kid: Option<String>,
+
+    /// HMAC key for external account binding, base64url as the CA shows it.
+    #[arg(
+        long,
+        value_name = "KEY",
+        requires = "acme_eab_kid",
+        env = "TCPFWD_ACME_EAB_HMAC_KEY",
+        hide_env_values = true
+    )]
+    pub acme_eab_hmac_key: Option<Secret>,
+
+    /// Where ACME keeps its account, certificate and key [default:
+    /// $STATE_DIRECTORY when systemd sets it, else /var/lib/tcpfwd].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// A secret from the command line: usable, but never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
 }
 
 /// How log events are written to standard error.
@@ -173,5 +255,36 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn acme_conflicts_with_cert_and_hides_the_eab_key() {
+        let err = Cli::try_parse_from([
+            "tcpfwd",
+            "--map",
+            "443:a:80",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--acme-domain",
+            "x.org",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let cli = Cli::try_parse_from([
+            "tcpfwd",
+            "--map",
+            "443:a:80",
+            "--acme-domain",
+            "x.org",
+            "--acme-eab-kid",
+            "kid",
+            "--acme-eab-hmac-key",
+            "sekrit",
+        ])
+        .unwrap();
+        assert!(!format!("{cli:?}").contains("sekrit"));
+        assert!(Cli::try_parse_from(["tcpfwd", "--map", "443:a:80", "--acme-staging"]).is_err());
     }
 }

@@ -326,6 +326,8 @@ pub enum CertSource {
         /// Subject alternative names, besides localhost and the host name.
         extra_names: Vec<String>,
     },
+    /// Certificates from an ACME CA, kept in a state directory.
+    Acme(AcmeConfig),
 }
 
 /// Per-connection time limits.
@@ -372,6 +374,7 @@ impl Config {
             }
         }
         let cert = match (&cli.cert, &cli.key) {
+            _ if !cli.acme_domains.is_empty() => CertSource::Acme(AcmeConfig::from_cli(cli)?),
             (Some(cert), Some(key)) => CertSource::Files {
                 cert: cert.clone(),
                 key: key.clone(),
@@ -412,6 +415,133 @@ impl Config {
             },
             shutdown_timeout: cli.shutdown_timeout.0,
             max_connections: cli.max_connections as usize,
+        })
+    }
+}
+
+/// Let's Encrypt's production directory, the default CA.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory (`--acme-staging`).
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// External account binding, for CAs that tie ACME accounts to a customer account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eab {
+    /// Key identifier as the CA shows it.
+    pub kid: String,
+    /// The decoded HMAC key; `Debug` shows its length only.
+    pub hmac_key: HmacKey,
+}
+
+/// The EAB HMAC key bytes, hidden from `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HmacKey(pub Vec<u8>);
+
+impl fmt::Debug for HmacKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HmacKey({} bytes)", self.0.len())
+    }
+}
+
+/// What ACME needs: the names, the CA, the account details and where to keep state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    /// DNS names, lower case, no duplicates; all on one certificate.
+    pub domains: Vec<String>,
+    /// `mailto:` contact, if given.
+    pub contact: Option<String>,
+    /// Directory URL of the CA.
+    pub directory: String,
+    /// Root to trust for the directory's HTTPS instead of the system's.
+    pub ca_root: Option<PathBuf>,
+    /// External account binding, if the CA needs it.
+    pub eab: Option<Eab>,
+    /// State directory (account, certificate, key, lock).
+    pub state_dir: PathBuf,
+}
+
+impl AcmeConfig {
+    fn from_cli(cli: &Cli) -> Result<AcmeConfig, String> {
+        let mut domains: Vec<String> = Vec::new();
+        for d in &cli.acme_domains {
+            let name = d.trim_end_matches('.').to_ascii_lowercase();
+            if name.starts_with("*.") {
+                return Err(format!(
+                    "invalid --acme-domain '{d}': TLS-ALPN-01 cannot prove wildcard names; list each name"
+                ));
+            }
+            if name.parse::<IpAddr>().is_ok() {
+                return Err(format!(
+                    "invalid --acme-domain '{d}': an IP address; give the DNS name that points here"
+                ));
+            }
+            if !valid_hostname(&name) || !name.contains('.') {
+                return Err(format!(
+                    "invalid --acme-domain '{d}': not a fully qualified DNS name like cams.example.org"
+                ));
+            }
+            if !domains.contains(&name) {
+                domains.push(name);
+            }
+        }
+        let contact = match &cli.acme_email {
+            None => None,
+            Some(e) if e.contains('@') && !e.contains(char::is_whitespace) => {
+                Some(format!("mailto:{}", e.trim_start_matches("mailto:")))
+            }
+            Some(e) => {
+                return Err(format!(
+                    "invalid --acme-email '{e}': write an address like me@example.org"
+                ))
+            }
+        };
+        let directory = match (&cli.acme_directory, cli.acme_staging) {
+            (Some(url), _) => {
+                if !url.starts_with("https://") {
+                    return Err(format!(
+                        "invalid --acme-directory '{url}': ACME directories are https:// URLs"
+                    ));
+                }
+                url.clone()
+            }
+            (None, true) => LETS_ENCRYPT_STAGING.to_string(),
+            (None, false) => LETS_ENCRYPT.to_string(),
+        };
+        let eab = match (&cli.acme_eab_kid, &cli.acme_eab_hmac_key) {
+            (Some(kid), Some(key)) => {
+                use base64::Engine as _;
+                let text = key.0.trim().trim_end_matches('=');
+                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(text)
+                    .map_err(|_| {
+                        "invalid --acme-eab-hmac-key: not base64url; paste the key exactly as the CA shows it".to_string()
+                    })?;
+                Some(Eab {
+                    kid: kid.clone(),
+                    hmac_key: HmacKey(bytes),
+                })
+            }
+            _ => None,
+        };
+        let state_dir = match &cli.state_dir {
+            Some(d) => d.clone(),
+            None => std::env::var_os("STATE_DIRECTORY")
+                .and_then(|v| {
+                    // systemd lists several directories separated by ':'; the first is ours.
+                    v.to_str()
+                        .and_then(|s| s.split(':').next())
+                        .filter(|s| !s.is_empty())
+                        .map(PathBuf::from)
+                })
+                .unwrap_or_else(|| PathBuf::from("/var/lib/tcpfwd")),
+        };
+        Ok(AcmeConfig {
+            domains,
+            contact,
+            directory,
+            ca_root: cli.acme_ca_root.clone(),
+            eab,
+            state_dir,
         })
     }
 }
@@ -487,6 +617,48 @@ mod tests {
         assert!(!any.overlaps(&other));
         let zero = map("0:a:80").listen;
         assert!(!zero.overlaps(&zero));
+    }
+
+    #[test]
+    fn acme_names_are_checked_and_the_secret_hidden() {
+        use clap::Parser;
+        let cfg = |extra: &[&str]| {
+            let mut args = vec!["tcpfwd", "--map", "443:a:80"];
+            args.extend_from_slice(extra);
+            Config::from_cli(&Cli::try_parse_from(args).unwrap())
+        };
+        let c = cfg(&[
+            "--acme-domain",
+            "Cams.Example.org.",
+            "--acme-domain",
+            "cams.example.org",
+            "--acme-staging",
+            "--acme-eab-kid",
+            "k",
+            "--acme-eab-hmac-key",
+            "c2VrcmV0LWtleQ",
+            "--state-dir",
+            "/tmp/x",
+        ])
+        .unwrap();
+        let CertSource::Acme(a) = &c.cert else {
+            panic!("{c:?}")
+        };
+        assert_eq!(a.domains, ["cams.example.org"]);
+        assert_eq!(a.directory, LETS_ENCRYPT_STAGING);
+        assert_eq!(a.eab.as_ref().unwrap().hmac_key.0, b"sekret-key");
+        assert!(!format!("{c:?}").contains("sekret"));
+        for (bad, why) in [
+            ("*.example.org", "wildcard"),
+            ("10.0.0.1", "IP address"),
+            ("dvr", "fully qualified"),
+            ("a..b", "fully qualified"),
+        ] {
+            let e = cfg(&["--acme-domain", bad]).unwrap_err();
+            assert!(e.contains(&format!("'{bad}'")) && e.contains(why), "{e}");
+        }
+        let e = cfg(&["--acme-domain", "a.org", "--acme-directory", "http://x/dir"]).unwrap_err();
+        assert!(e.contains("https://"), "{e}");
     }
 
     #[test]

@@ -176,12 +176,7 @@ async fn run(
             tune(&b);
             let mut client_side = Counted::new(&mut client, Side::Client, stats.clone());
             let mut backend_side = Counted::new(b, Side::Backend, stats.clone());
-            let copy = tokio::io::copy_bidirectional_with_sizes(
-                &mut client_side,
-                &mut backend_side,
-                splice::UP_BUF,
-                splice::DOWN_BUF,
-            );
+            let copy = splice::copy_both_ways(&mut client_side, &mut backend_side);
             tokio::select! {
                 res = copy => match res {
                     Ok(_) => End::Closed(stats.first_closed().unwrap_or(Side::Client)),

@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod acme;
 pub mod activation;
 pub mod app;
 pub mod cli;
@@ -18,5 +19,6 @@ pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod splice;
+pub mod state;
 pub mod sys;
 pub mod tls;

@@ -50,6 +50,9 @@ impl Reloader {
             CertSource::SelfSigned { .. } => Ok(Outcome::Nothing(
                 "the self-signed certificate made at start stays (give --cert/--key to reload from files)",
             )),
+            CertSource::Acme(_) => Ok(Outcome::Nothing(
+                "ACME certificates are renewed by tcpfwd itself; nothing to reload",
+            )),
         }
     }
 }

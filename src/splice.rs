@@ -1,21 +1,23 @@
-//! The byte splice: `copy_bidirectional` between the TLS client and the plain
-//! backend, with thin adapters that count bytes, note activity and half-close,
-//! and a watchdog that enforces the idle and close timeouts.
+//! The byte splice: a bidirectional copy between the TLS client and the plain
+//! backend that holds no buffer while idle, thin adapters that count bytes,
+//! note activity and half-close, and a watchdog that enforces the idle and
+//! close timeouts.
 
+use std::cell::RefCell;
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Buffer for client-to-backend data. Requests are small; a TLS record holds at most 16 KiB.
-pub const UP_BUF: usize = 16 * 1024;
-/// Buffer for backend-to-client data: larger reads let rustls fill whole records.
-pub const DOWN_BUF: usize = 32 * 1024;
+/// Largest single read, in a buffer shared by every connection on a thread:
+/// two full TLS records, so rustls fills whole records from backend reads.
+pub const READ_BUF: usize = 32 * 1024;
 
 /// Which end of the splice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,6 +220,116 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+thread_local! {
+    /// The read buffer of every connection polled on this thread. A read and the
+    /// write of what it got happen in one poll, so no connection keeps it.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_BUF].into_boxed_slice());
+}
+
+/// One direction of the copy. Data the writer would not take at once is kept
+/// in `pending`, which is freed as soon as the reader has nothing more: an
+/// idle connection holds no buffer (tokio's `copy_bidirectional` holds two,
+/// zeroed, for its whole life).
+#[derive(Default)]
+struct OneWay {
+    pending: Vec<u8>,
+    /// Bytes of `pending` already written.
+    written: usize,
+    need_flush: bool,
+    read_done: bool,
+    /// Bytes passed to the writer; `Some` once the writer has been shut down.
+    done: Option<u64>,
+    total: u64,
+}
+
+impl OneWay {
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if let Some(total) = self.done {
+            return Poll::Ready(Ok(total));
+        }
+        loop {
+            while self.written < self.pending.len() {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.pending[self.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+                self.total += n as u64;
+                self.need_flush = true;
+            }
+            self.pending.clear();
+            self.written = 0;
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = Some(self.total);
+                return Poll::Ready(Ok(self.total));
+            }
+            let read = SCRATCH.with_borrow_mut(|buf| {
+                let mut rb = ReadBuf::new(buf);
+                ready!(Pin::new(&mut *r).poll_read(cx, &mut rb))?;
+                let data = rb.filled();
+                if data.is_empty() {
+                    self.read_done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                // Write what the writer takes now; keep only the rest.
+                let mut off = 0;
+                while off < data.len() {
+                    match Pin::new(&mut *w).poll_write(cx, &data[off..]) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                        }
+                        Poll::Ready(Ok(n)) => off += n,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => break,
+                    }
+                }
+                self.total += off as u64;
+                self.need_flush = true;
+                self.pending.extend_from_slice(&data[off..]);
+                Poll::Ready(Ok(()))
+            });
+            match read {
+                Poll::Ready(res) => res?,
+                Poll::Pending => {
+                    // Nothing to read: free the buffer, push out what was written.
+                    self.pending = Vec::new();
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Copies `a` to `b` and `b` to `a` until both directions have ended, shutting
+/// down each writer when its reader ends, like `tokio::io::copy_bidirectional`.
+/// Returns the bytes copied from `a` to `b` and from `b` to `a`.
+pub async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut a_to_b, mut b_to_a) = (OneWay::default(), OneWay::default());
+    poll_fn(|cx| {
+        let there = a_to_b.poll(cx, a, b)?;
+        let back = b_to_a.poll(cx, b, a)?;
+        match (there, back) {
+            (Poll::Ready(x), Poll::Ready(y)) => Poll::Ready(Ok((x, y))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
 /// Why the watchdog ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expired {
@@ -299,6 +411,45 @@ mod tests {
             Expired::Idle
         );
         assert!(t.elapsed() <= Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn copy_both_ways_moves_every_byte_under_backpressure_and_half_closes() {
+        // Tiny pipes force partial writes and Pending on both sides.
+        let (mut a, a_peer) = tokio::io::duplex(7);
+        let (mut b, b_peer) = tokio::io::duplex(5);
+        let up: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let copy = tokio::spawn(async move { copy_both_ways(&mut a, &mut b).await });
+        let (up2, down2) = (up.clone(), down.clone());
+        let client = tokio::spawn(async move {
+            let (mut rd, mut wr) = tokio::io::split(a_peer);
+            let w = async {
+                wr.write_all(&up2).await.unwrap();
+                wr.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let r = rd.read_to_end(&mut got);
+            let (_, n) = tokio::join!(w, r);
+            n.unwrap();
+            got
+        });
+        let backend = tokio::spawn(async move {
+            let (mut rd, mut wr) = tokio::io::split(b_peer);
+            let w = async {
+                wr.write_all(&down2).await.unwrap();
+                wr.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let r = rd.read_to_end(&mut got);
+            let (_, n) = tokio::join!(w, r);
+            n.unwrap();
+            got
+        });
+        assert_eq!(backend.await.unwrap(), up);
+        assert_eq!(client.await.unwrap(), down);
+        let (there, back) = copy.await.unwrap().unwrap();
+        assert_eq!((there, back), (up.len() as u64, down.len() as u64));
     }
 
     #[tokio::test]

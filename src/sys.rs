@@ -41,3 +41,19 @@ pub fn arm_hwcap2_has_aes() -> bool {
     let caps = unsafe { libc::getauxval(libc::AT_HWCAP2) };
     caps & HWCAP2_AES != 0
 }
+
+/// Takes an exclusive advisory lock on `file` without waiting; `Ok(false)` if
+/// another process holds it. The lock lasts as long as the descriptor is open.
+pub fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only acts on the descriptor, which `file` keeps open for this call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}

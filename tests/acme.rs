@@ -1,0 +1,621 @@
+//! ACME against a real CA: Pebble on loopback, the real binary, openssl s_client.
+
+mod common;
+#[path = "common/pebble.rs"]
+mod pebble;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{
+    backends, msg, pattern, require_tool, run_to_exit, sha256, tls_connect, Tcpfwd, TempDir,
+};
+use pebble::{accept_anything_config, fingerprint, free_port, Pebble, RateLimitedCa};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const NAMES: [&str; 2] = ["cams.example.org", "dvr.example.org"];
+const ISSUE: Duration = Duration::from_secs(90);
+
+/// tcpfwd in front of `backend` on the validation port and on a second, ephemeral one.
+fn tcpfwd_args(pebble: &Pebble, state: &Path, backend: std::net::SocketAddr) -> Vec<String> {
+    let mut args = vec![
+        "--map".to_string(),
+        format!("127.0.0.1:{}:{backend}", pebble.tls_port),
+        "--map".into(),
+        format!("127.0.0.1:0:{backend}"),
+        "--acme-directory".into(),
+        pebble.directory_url(),
+        "--acme-ca-root".into(),
+        pebble.ca_root().to_str().unwrap().into(),
+        "--acme-email".into(),
+        "ops@example.org".into(),
+        "--state-dir".into(),
+        state.to_str().unwrap().into(),
+    ];
+    for n in NAMES {
+        args.push("--acme-domain".into());
+        args.push(n.into());
+    }
+    args
+}
+
+fn start(args: &[String]) -> Tcpfwd {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Tcpfwd::start(&args)
+}
+
+fn issued(e: &Value) -> bool {
+    msg(e).starts_with("certificate issued")
+}
+
+fn renewed(e: &Value) -> bool {
+    msg(e).starts_with("certificate renewed")
+}
+
+fn has(fwd: &Tcpfwd, pred: impl Fn(&Value) -> bool) -> bool {
+    fwd.events().iter().any(pred)
+}
+
+/// Echoes `data` through map `i` with a client that accepts any certificate;
+/// returns the fingerprint of the certificate it was shown.
+async fn echo_through(fwd: &Tcpfwd, i: usize, data: &[u8]) -> String {
+    let mut tls = tls_connect(accept_anything_config(), fwd.addr(i), NAMES[0])
+        .await
+        .unwrap();
+    let fp = fingerprint(tls.get_ref().1.peer_certificates().unwrap()[0].as_ref());
+    tls.write_all(data).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(Duration::from_secs(20), tls.read_exact(&mut back))
+        .await
+        .expect("no echo within 20s")
+        .unwrap();
+    assert_eq!(back, data);
+    fp
+}
+
+/// The CA's sub-directory of the state directory (named after the directory URL).
+fn ca_dir(state: &Path, pebble: &Pebble) -> std::path::PathBuf {
+    state.join(format!(
+        "{}_{}_dir",
+        pebble.listen.ip(),
+        pebble.listen.port()
+    ))
+}
+
+/// `openssl s_client` against `port` for `name`, verifying against `root`; returns its output.
+fn s_client(port: u16, name: &str, root: &Path) -> String {
+    require_tool("openssl");
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", name, "-verify_hostname", name])
+        .arg("-CAfile")
+        .arg(root)
+        .args(["-verify_return_error", "-showcerts"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The SHA-256 fingerprint of the certificate served on `port` for `name`, as tcpfwd logs it.
+fn served_fingerprint(port: u16, name: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} -servername {name} </dev/null 2>/dev/null \
+             | openssl x509 -noout -fingerprint -sha256"
+        ))
+        .output()
+        .expect("run openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .rsplit('=')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_issuance_on_two_maps_then_restart_reuses_it() {
+    let backend = backends::echo().await;
+    let mut pebble = Pebble::new(free_port(), None);
+    pebble.start();
+    let tmp = TempDir::new("acme-state");
+    // Not there yet: tcpfwd creates it, 0700.
+    let state = tmp.join("state");
+    let args = tcpfwd_args(&pebble, &state, backend);
+
+    let fwd = start(&args);
+    // The placeholder is served at once, and the terms of service are named.
+    assert!(fwd
+        .events()
+        .iter()
+        .any(|e| msg(e).starts_with("serving a self-signed placeholder")));
+    let ev = fwd.wait_for(issued, 1, ISSUE).remove(0);
+    let tos = fwd
+        .events()
+        .into_iter()
+        .find(|e| msg(e).starts_with("using ACME CA"))
+        .expect("directory logged");
+    assert!(
+        tos["terms_of_service"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:text/plain"),
+        "{tos}"
+    );
+    for n in NAMES {
+        assert!(ev["names"].as_str().unwrap().contains(n), "{ev}");
+    }
+
+    let root = pebble.dir.join("root.pem");
+    std::fs::write(&root, pebble.root_pem().await).unwrap();
+    for i in 0..2 {
+        let port = fwd.addr(i).port();
+        for name in NAMES {
+            let out = s_client(port, name, &root);
+            assert!(
+                out.contains("Verify return code: 0 (ok)"),
+                "map {i} {name}:\n{out}"
+            );
+        }
+    }
+    let fp = ev["sha256"].as_str().unwrap().to_string();
+    assert_eq!(served_fingerprint(fwd.addr(1).port(), NAMES[0]), fp);
+
+    // State: directory 0700, files 0600.
+    let ca = ca_dir(&state, &pebble);
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&ca), 0o700);
+    for f in ["account.json", "cert.pem", "key.pem"] {
+        assert_eq!(mode(&ca.join(f)), 0o600, "{f}");
+    }
+
+    // A second tcpfwd on the same state directory is refused.
+    let mut second = args.clone();
+    second[1] = "127.0.0.1:0:127.0.0.1:9".into();
+    let second: Vec<&str> = second.iter().map(String::as_str).collect();
+    let (code, err) = run_to_exit(&second);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("in use by another tcpfwd"), "{err}");
+
+    // Restart: the stored certificate is served at once, no new order.
+    drop(fwd);
+    let orders = pebble.orders();
+    assert_eq!(orders, 1, "{}", pebble.log());
+    let fwd = start(&args);
+    let served = fwd
+        .events()
+        .into_iter()
+        .find(|e| msg(e) == "serving the stored certificate")
+        .expect("stored certificate served");
+    assert_eq!(served["sha256"], fp.as_str());
+    assert_eq!(served_fingerprint(fwd.addr(0).port(), NAMES[1]), fp);
+    fwd.wait_for(
+        |e| msg(e) == "renewal scheduled",
+        1,
+        Duration::from_secs(20),
+    );
+    assert!(!fwd
+        .events()
+        .iter()
+        .any(|e| msg(e) == "ordering a certificate"));
+    assert_eq!(pebble.orders(), orders);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_with_a_third_of_the_lifetime_left_keeps_an_open_transfer_going() {
+    let backend = backends::echo().await;
+    // 15-second certificates: renewal is due 10 seconds after issuance.
+    let mut pebble = Pebble::new(free_port(), Some(15));
+    pebble.start();
+    let state = TempDir::new("acme-renew");
+    let fwd = start(&tcpfwd_args(&pebble, state.path(), backend));
+    let first = fwd.wait_for(issued, 1, ISSUE).remove(0);
+    let first_fp = first["sha256"].as_str().unwrap().to_string();
+    let sched = fwd
+        .wait_for(|e| msg(e) == "renewal scheduled", 1, ISSUE)
+        .remove(0);
+    assert_eq!(sched["rule"], "a third of the lifetime left");
+
+    // A transfer that begins before the renewal and goes on after it.
+    let tls = tls_connect(accept_anything_config(), fwd.addr(1), NAMES[0])
+        .await
+        .unwrap();
+    let shown = fingerprint(tls.get_ref().1.peer_certificates().unwrap()[0].as_ref());
+    assert_eq!(shown, first_fp);
+    let data = pattern(7, 64 * 1024 * 1024);
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::with_capacity(64 * 1024 * 1024);
+        let mut buf = vec![0u8; 64 * 1024];
+        while got.len() < 64 * 1024 * 1024 {
+            let n = rd.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the transfer was cut after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    });
+    let mut sent = 0;
+    let mut after_renewal = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    // 64 KiB every 20 ms until well after the renewal; then the rest at full speed.
+    while sent < data.len() {
+        let chunk = &data[sent..(sent + 64 * 1024).min(data.len())];
+        wr.write_all(chunk).await.unwrap();
+        wr.flush().await.unwrap();
+        sent += chunk.len();
+        if has(&fwd, renewed) {
+            after_renewal += 1;
+        }
+        if after_renewal < 50 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no renewal seen:\n{}",
+                fwd.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // TLS may hold the last records until flushed.
+    wr.flush().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the echo did not complete within 60s")
+        .unwrap();
+    assert_eq!(
+        sha256(&got),
+        sha256(&data),
+        "the transfer is not byte-exact"
+    );
+    wr.shutdown().await.unwrap();
+
+    let renewal = fwd.wait_for(renewed, 1, ISSUE).remove(0);
+    let new_fp = renewal["sha256"].as_str().unwrap().to_string();
+    assert_ne!(new_fp, first_fp);
+    let order = fwd
+        .events()
+        .into_iter()
+        .filter(|e| msg(e) == "ordering a certificate")
+        .nth(1)
+        .expect("a second order");
+    assert!(
+        order["reason"]
+            .as_str()
+            .unwrap()
+            .contains("a third of the lifetime left"),
+        "{order}"
+    );
+    // New connections get the new certificate; the stored one is the new one too.
+    let fresh = echo_through(&fwd, 0, b"after renewal").await;
+    assert!(fresh != first_fp, "still the old certificate");
+    let stored = std::fs::read_to_string(ca_dir(state.path(), &pebble).join("cert.pem")).unwrap();
+    assert!(stored.contains("BEGIN CERTIFICATE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_down_at_start_serves_the_placeholder_until_the_ca_comes_up() {
+    let backend = backends::echo().await;
+    let mut pebble = Pebble::new(free_port(), None);
+    let state = TempDir::new("acme-down");
+    let fwd = start(&tcpfwd_args(&pebble, state.path(), backend));
+    let placeholder = fwd
+        .events()
+        .into_iter()
+        .find(|e| msg(e).starts_with("serving a self-signed placeholder"))
+        .expect("placeholder");
+    let failed = fwd
+        .wait_for(|e| msg(e).starts_with("certificate order failed"), 1, ISSUE)
+        .remove(0);
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains(&pebble.directory_url()), "{failed}");
+    assert!(failed["retry_in"].is_string(), "{failed}");
+    // Forwarding works meanwhile, on the placeholder.
+    let shown = echo_through(&fwd, 1, b"hello while the CA is down").await;
+    assert_eq!(shown, placeholder["sha256"].as_str().unwrap());
+
+    pebble.start();
+    let ev = fwd.wait_for(issued, 1, ISSUE).remove(0);
+    let shown = echo_through(&fwd, 0, b"hello with a real certificate").await;
+    assert_eq!(shown, ev["sha256"].as_str().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_certificate_and_corrupt_account_are_recovered() {
+    let backend = backends::echo().await;
+    let mut pebble = Pebble::new(free_port(), None);
+    pebble.start();
+    let state = TempDir::new("acme-corrupt");
+    let args = tcpfwd_args(&pebble, state.path(), backend);
+    let ca = ca_dir(state.path(), &pebble);
+    let fwd = start(&args);
+    fwd.wait_for(issued, 1, ISSUE);
+    drop(fwd);
+    let account = std::fs::read(ca.join("account.json")).unwrap();
+
+    // A half-written certificate: re-ordered with the stored account.
+    let cert = std::fs::read(ca.join("cert.pem")).unwrap();
+    std::fs::write(ca.join("cert.pem"), &cert[..cert.len() / 2]).unwrap();
+    let fwd = start(&args);
+    let warn = fwd
+        .events()
+        .into_iter()
+        .find(|e| msg(e).starts_with("the stored certificate cannot be used"))
+        .expect("corrupt certificate reported");
+    assert_eq!(warn["level"], "WARN");
+    assert!(
+        warn["cert"].as_str().unwrap().ends_with("cert.pem"),
+        "{warn}"
+    );
+    fwd.wait_for(issued, 1, ISSUE);
+    assert!(has(&fwd, |e| msg(e) == "using the stored ACME account"));
+    assert!(!has(&fwd, |e| msg(e) == "created an ACME account"));
+    assert_eq!(std::fs::read(ca.join("account.json")).unwrap(), account);
+    drop(fwd);
+
+    // A corrupt account (and no certificate, so that one is needed): moved aside, new account.
+    std::fs::write(ca.join("account.json"), &account[..account.len() / 2]).unwrap();
+    std::fs::remove_file(ca.join("cert.pem")).unwrap();
+    let fwd = start(&args);
+    let warn = fwd
+        .wait_for(
+            |e| msg(e).starts_with("the stored ACME account is corrupt"),
+            1,
+            ISSUE,
+        )
+        .remove(0);
+    assert_eq!(warn["level"], "WARN");
+    let aside = std::path::PathBuf::from(warn["moved_to"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read(&aside).unwrap(),
+        &account[..account.len() / 2]
+    );
+    fwd.wait_for(|e| msg(e) == "created an ACME account", 1, ISSUE);
+    fwd.wait_for(issued, 1, ISSUE);
+    let new_account = std::fs::read(ca.join("account.json")).unwrap();
+    assert_ne!(new_account, account);
+    assert_eq!(mode(&ca.join("account.json")), 0o600);
+    assert_eq!(mode(&ca.join("cert.pem")), 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_renewal_waits_as_told_and_says_when_the_certificate_expires() {
+    const RETRY_AFTER: u64 = 8;
+    let pki = common::Pki::new();
+    let ca = RateLimitedCa::start(&pki, RETRY_AFTER).await;
+    let backend = backends::echo().await;
+    let state = TempDir::new("acme-ratelimit");
+
+    // A stored certificate four hours long with one hour left: renewal is due now.
+    let now = time::OffsetDateTime::now_utc();
+    let mut params = rcgen::CertificateParams::new(NAMES.map(String::from).to_vec()).unwrap();
+    params.not_before = now - time::Duration::hours(3);
+    params.not_after = now + time::Duration::hours(1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let dir = state.join(&format!("127.0.0.1_{}_dir", ca.addr.port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+
+    let args: Vec<String> = [
+        "--map",
+        &format!("127.0.0.1:0:{backend}"),
+        "--acme-domain",
+        NAMES[0],
+        "--acme-domain",
+        NAMES[1],
+        "--acme-directory",
+        &ca.directory_url(),
+        "--acme-ca-root",
+        pki.ca.to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let fwd = start(&args);
+    assert!(has(&fwd, |e| msg(e) == "serving the stored certificate"));
+    let failed = fwd
+        .wait_for(
+            |e| msg(e).starts_with("certificate renewal failed"),
+            1,
+            ISSUE,
+        )
+        .remove(0);
+    assert_eq!(failed["level"], "WARN");
+    assert_eq!(failed["status"], 429);
+    assert!(
+        failed["url"].as_str().unwrap().ends_with("/order"),
+        "{failed}"
+    );
+    assert!(
+        failed["error"].as_str().unwrap().contains("rateLimited"),
+        "{failed}"
+    );
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("too many certificates"),
+        "{failed}"
+    );
+    let expires = failed["expires"].as_str().unwrap();
+    let not_after = params.not_after.replace_nanosecond(0).unwrap();
+    let rfc3339 = not_after
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    assert!(expires.starts_with(&rfc3339), "{expires} vs {rfc3339}");
+    let retry_in = failed["retry_in"].as_str().unwrap();
+    assert_eq!(retry_in, "8s", "{failed}");
+    assert_eq!(failed["retry_after"], "8s", "{failed}");
+
+    // The second order comes no sooner than the CA asked.
+    fwd.wait_for(
+        |e| msg(e).starts_with("certificate renewal failed"),
+        2,
+        ISSUE,
+    );
+    let orders = ca.orders.lock().unwrap().clone();
+    assert!(orders.len() >= 2);
+    let gap = orders[1] - orders[0];
+    assert!(
+        gap >= Duration::from_secs(RETRY_AFTER - 1),
+        "waited only {gap:?}"
+    );
+    // Forwarding goes on, on the stored certificate.
+    echo_through(&fwd, 0, b"still forwarding").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_follows_the_ca_renewal_window_when_offered() {
+    let pki = common::Pki::new();
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let now = time::OffsetDateTime::now_utc();
+    // The CA asks for renewal now (a window that has begun), although by the
+    // lifetime rule this 90-day certificate, one day old, has two months to go.
+    let window = (
+        fmt(now - time::Duration::hours(2)),
+        fmt(now - time::Duration::hours(1)),
+    );
+    let ca = RateLimitedCa::start_with_ari(&pki, 3600, Some(window)).await;
+    let backend = backends::echo().await;
+    let state = TempDir::new("acme-ari");
+    let mut params = rcgen::CertificateParams::new(NAMES.map(String::from).to_vec()).unwrap();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(89);
+    params.use_authority_key_identifier_extension = true;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let dir = state.join(&format!("127.0.0.1_{}_dir", ca.addr.port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+
+    let args: Vec<String> = [
+        "--map",
+        &format!("127.0.0.1:0:{backend}"),
+        "--acme-domain",
+        NAMES[0],
+        "--acme-domain",
+        NAMES[1],
+        "--acme-directory",
+        &ca.directory_url(),
+        "--acme-ca-root",
+        pki.ca.to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let fwd = start(&args);
+    let order = fwd
+        .wait_for(|e| msg(e) == "ordering a certificate", 1, ISSUE)
+        .remove(0);
+    assert!(
+        order["reason"].as_str().unwrap().contains("(ARI)"),
+        "{order}"
+    );
+    let asked = ca.renewal_info.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    // The certificate identifier is base64url(AKI) "." base64url(serial).
+    let id = asked[0].trim_start_matches("/renewal-info/");
+    assert_eq!(id.split('.').count(), 2, "{id}");
+    // Rate-limited for an hour, as told: no second order during this test.
+    fwd.wait_for(
+        |e| msg(e).starts_with("certificate renewal failed"),
+        1,
+        ISSUE,
+    );
+    assert_eq!(ca.orders.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_account_is_logged_and_external_account_binding_works() {
+    const KID: &str = "kid-1";
+    const HMAC: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let backend = backends::echo().await;
+    let mut pebble = Pebble::with_config(
+        free_port(),
+        serde_json::json!({
+            "externalAccountBindingRequired": true,
+            "externalAccountMACKeys": { KID: HMAC },
+        }),
+    );
+    pebble.start();
+    let state = TempDir::new("acme-eab");
+    let mut args = tcpfwd_args(&pebble, state.path(), backend);
+
+    // Without a binding the CA refuses the account: the log names the URL and the CA's problem.
+    let fwd = start(&args);
+    let failed = fwd
+        .wait_for(|e| msg(e).starts_with("certificate order failed"), 1, ISSUE)
+        .remove(0);
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("cannot create an ACME account at"),
+        "{failed}"
+    );
+    assert!(error.contains(&pebble.directory_url()), "{failed}");
+    assert!(error.contains("externalAccountRequired"), "{failed}");
+    assert!(
+        failed["url"].as_str().unwrap().contains("POST https://"),
+        "{failed}"
+    );
+    // Forwarding goes on meanwhile.
+    echo_through(&fwd, 1, b"forwarding while refused").await;
+    drop(fwd);
+
+    args.extend(["--acme-eab-kid", KID].map(String::from));
+    let mut cmd = Tcpfwd::command();
+    cmd.args(&args).env("TCPFWD_ACME_EAB_HMAC_KEY", HMAC);
+    let fwd = Tcpfwd::spawn(cmd);
+    fwd.wait_for(|e| msg(e) == "created an ACME account", 1, ISSUE);
+    fwd.wait_for(issued, 1, ISSUE);
+    assert!(!fwd.stderr().contains(HMAC), "the HMAC key was logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_directory_url_is_named_with_what_the_server_answered() {
+    let pki = common::Pki::new();
+    let ca = RateLimitedCa::start(&pki, 1).await;
+    let backend = backends::echo().await;
+    let state = TempDir::new("acme-wrongdir");
+    let wrong = format!("https://{}/directory-typo", ca.addr);
+    let args: Vec<String> = [
+        "--map",
+        &format!("127.0.0.1:0:{backend}"),
+        "--acme-domain",
+        NAMES[0],
+        "--acme-directory",
+        &wrong,
+        "--acme-ca-root",
+        pki.ca.to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let fwd = start(&args);
+    let failed = fwd
+        .wait_for(|e| msg(e).starts_with("certificate order failed"), 1, ISSUE)
+        .remove(0);
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("the ACME directory {wrong} answered 404")),
+        "{failed}"
+    );
+    assert_eq!(failed["status"], 404, "{failed}");
+    echo_through(&fwd, 0, b"still forwarding").await;
+}
