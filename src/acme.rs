@@ -441,6 +441,14 @@ pub fn prepare(
     ))
 }
 
+/// Paths of the stored certificate chain and key for this configuration's CA.
+pub fn stored_files(cfg: &AcmeConfig) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = cfg
+        .state_dir
+        .join(crate::state::ca_dir_name(&cfg.directory));
+    (dir.join(CERT_FILE), dir.join(KEY_FILE))
+}
+
 /// The stored certificate and key: `Ok(None)` if there is none, `Err(why)` if unusable.
 fn load_stored(
     state: &StateDir,

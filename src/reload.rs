@@ -50,9 +50,23 @@ impl Reloader {
             CertSource::SelfSigned { .. } => Ok(Outcome::Nothing(
                 "the self-signed certificate made at start stays (give --cert/--key to reload from files)",
             )),
-            CertSource::Acme(_) => Ok(Outcome::Nothing(
-                "ACME certificates are renewed by tcpfwd itself; nothing to reload",
-            )),
+            CertSource::Acme(cfg) => {
+                // Re-read what the ACME task stored (after a restore from a
+                // backup, say). The state dir is already locked by this process.
+                let (cert, key) = crate::acme::stored_files(cfg);
+                if !cert.exists() {
+                    return Ok(Outcome::Nothing(
+                        "no ACME certificate stored yet; the placeholder serves until the CA issues one",
+                    ));
+                }
+                let ck = tls::load_files(&cert, &key, &self.provider)?;
+                let sha256 = ck
+                    .end_entity_cert()
+                    .map(|c| tls::sha256_fingerprint(c))
+                    .unwrap_or_default();
+                self.resolver.set(ck);
+                Ok(Outcome::Replaced(sha256))
+            }
         }
     }
 }

@@ -2,9 +2,18 @@
 #![allow(unsafe_code)]
 
 /// The machine's host name, if it has a usable one.
+///
+/// gethostname(2) rather than /proc/sys/kernel/hostname, which a hardened
+/// unit (`ProcSubset=pid`) hides.
 pub fn hostname() -> Option<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    let name = name.trim();
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is ours and its length is passed; glibc NUL-terminates
+    // or reports an error.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return None;
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..len]).ok()?.trim();
     (!name.is_empty() && name != "(none)" && name != "localhost").then(|| name.to_string())
 }
 

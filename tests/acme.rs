@@ -209,6 +209,17 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
         .iter()
         .any(|e| msg(e) == "ordering a certificate"));
     assert_eq!(pebble.orders(), orders);
+
+    // SIGHUP re-reads the stored certificate, and still orders nothing.
+    fwd.signal(libc::SIGHUP);
+    let reloaded = fwd.wait_for(
+        |e| msg(e) == "certificate reloaded; new handshakes get it",
+        1,
+        Duration::from_secs(20),
+    );
+    assert_eq!(reloaded[0]["sha256"], fp.as_str());
+    assert_eq!(served_fingerprint(fwd.addr(0).port(), NAMES[1]), fp);
+    assert_eq!(pebble.orders(), orders);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
