@@ -38,15 +38,7 @@ impl Reloader {
     /// Loads the certificate again and swaps it in. On error the old one stays.
     pub fn reload(&self) -> anyhow::Result<Outcome> {
         match &self.source {
-            CertSource::Files { cert, key } => {
-                let ck = tls::load_files(cert, key, &self.provider)?;
-                let sha256 = ck
-                    .end_entity_cert()
-                    .map(|c| tls::sha256_fingerprint(c))
-                    .unwrap_or_default();
-                self.resolver.set(ck);
-                Ok(Outcome::Replaced(sha256))
-            }
+            CertSource::Files { cert, key } => self.swap_in(cert, key),
             CertSource::SelfSigned { .. } => Ok(Outcome::Nothing(
                 "the self-signed certificate made at start stays (give --cert/--key to reload from files)",
             )),
@@ -59,15 +51,19 @@ impl Reloader {
                         "no ACME certificate stored yet; the placeholder serves until the CA issues one",
                     ));
                 }
-                let ck = tls::load_files(&cert, &key, &self.provider)?;
-                let sha256 = ck
-                    .end_entity_cert()
-                    .map(|c| tls::sha256_fingerprint(c))
-                    .unwrap_or_default();
-                self.resolver.set(ck);
-                Ok(Outcome::Replaced(sha256))
+                self.swap_in(&cert, &key)
             }
         }
+    }
+
+    fn swap_in(&self, cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Outcome> {
+        let ck = tls::load_files(cert, key, &self.provider)?;
+        let sha256 = ck
+            .end_entity_cert()
+            .map(|c| tls::sha256_fingerprint(c))
+            .unwrap_or_default();
+        self.resolver.set(ck);
+        Ok(Outcome::Replaced(sha256))
     }
 }
 
