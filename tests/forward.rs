@@ -167,17 +167,15 @@ async fn half_close_client_first_then_backend_keeps_sending() {
     // The backend answers only after the client has finished sending: the
     // client's close_notify must arrive as a FIN while the reply still flows back.
     let pki = Pki::new();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
+    let backend = backends::one_connection(move |mut s| async move {
         let mut req = Vec::new();
         s.read_to_end(&mut req).await.unwrap(); // ends at the forwarded FIN
         let reply = format!("got {} bytes", req.len());
         tokio::time::sleep(Duration::from_millis(200)).await;
         s.write_all(reply.as_bytes()).await.unwrap();
         s.shutdown().await.unwrap();
-    });
+    })
+    .await;
     let fwd = start(&pki, &[map_to(backend)], &[]);
     let mut s = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
         .await
@@ -200,18 +198,16 @@ async fn half_close_backend_first_then_client_keeps_sending() {
     // everything the client sends: its FIN must reach the client as
     // close_notify while the client's data still flows to it.
     let pki = Pki::new();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (s, _) = l.accept().await.unwrap();
+    let backend = backends::one_connection(move |s| async move {
         let (mut r, mut w) = s.into_split();
         w.write_all(b"banner").await.unwrap();
         w.shutdown().await.unwrap();
         let mut got = Vec::new();
         r.read_to_end(&mut got).await.unwrap();
         tx.send(got).unwrap();
-    });
+    })
+    .await;
     let fwd = start(&pki, &[map_to(backend)], &[]);
     let s = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
         .await
@@ -235,10 +231,7 @@ async fn half_close_backend_first_then_client_keeps_sending() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_fin_without_close_notify_is_a_half_close() {
     let pki = Pki::new();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
+    let backend = backends::one_connection(move |mut s| async move {
         let mut req = Vec::new();
         s.read_to_end(&mut req).await.unwrap();
         // Keep sending after the client's bare FIN.
@@ -247,7 +240,8 @@ async fn client_fin_without_close_notify_is_a_half_close() {
             s.write_all(&[b'x'; 1000]).await.unwrap();
         }
         s.shutdown().await.unwrap();
-    });
+    })
+    .await;
     let fwd = start(&pki, &[map_to(backend)], &[]);
     let tls = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
         .await
@@ -343,10 +337,7 @@ async fn close_timeout_is_reset_by_every_byte() {
     // After the client's half-close, the backend trickles a byte every 300 ms
     // for about 3 s: with a 1 s close timeout the download must not be cut.
     let pki = Pki::new();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
+    let backend = backends::one_connection(move |mut s| async move {
         let mut req = Vec::new();
         s.read_to_end(&mut req).await.unwrap();
         for _ in 0..10 {
@@ -354,7 +345,8 @@ async fn close_timeout_is_reset_by_every_byte() {
             s.write_all(b".").await.unwrap();
         }
         s.shutdown().await.unwrap();
-    });
+    })
+    .await;
     let fwd = start(&pki, &[map_to(backend)], &["--close-timeout", "1s"]);
     let mut s = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
         .await
@@ -486,17 +478,15 @@ async fn connection_limit_refuses_new_ones_and_keeps_open_ones() {
 async fn byte_counts_of_a_connection_that_ended_in_an_error() {
     // The backend sends 3000 bytes and then resets the connection.
     let pki = Pki::new();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
+    let backend = backends::one_connection(move |mut s| async move {
         let mut req = [0u8; 10];
         s.read_exact(&mut req).await.unwrap();
         s.write_all(&[b'z'; 3000]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         s.set_zero_linger().unwrap();
         drop(s); // RST
-    });
+    })
+    .await;
     let fwd = start(&pki, &[map_to(backend)], &[]);
     let mut s = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
         .await
@@ -557,19 +547,17 @@ async fn map_without_address_listens_on_ipv4_and_ipv6() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_an_open_transfer() {
     let pki = Pki::new();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = l.local_addr().unwrap();
     let data = pattern(11, 4 << 20);
     let sent = data.clone();
-    tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
+    let backend = backends::one_connection(move |mut s| async move {
         // A slow download: 4 MiB over about 2 s.
         for chunk in sent.chunks(256 * 1024) {
             s.write_all(chunk).await.unwrap();
             tokio::time::sleep(Duration::from_millis(120)).await;
         }
         s.shutdown().await.unwrap();
-    });
+    })
+    .await;
     let mut fwd = start(&pki, &[map_to(backend)], &["--shutdown-timeout", "30s"]);
     let mut s = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
         .await

@@ -256,3 +256,17 @@ pub fn base64(data: &[u8]) -> String {
     }
     out
 }
+
+/// A backend that serves its first connection with `serve`.
+pub async fn one_connection<F, Fut>(serve: F) -> SocketAddr
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (l, a) = listen("127.0.0.1:0").await;
+    tokio::spawn(async move {
+        let (s, _) = l.accept().await.unwrap();
+        serve(s).await;
+    });
+    a
+}
