@@ -119,6 +119,42 @@ fn served_fingerprint(port: u16, name: &str) -> String {
         .to_string()
 }
 
+/// Writes a self-signed certificate made from `params` where tcpfwd keeps the
+/// stand-in CA's certificate (CA at 127.0.0.1:`port`, directory path `/dir`).
+fn store_self_signed(state: &TempDir, port: u16, params: &rcgen::CertificateParams) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let dir = state.join(&format!("127.0.0.1_{port}_dir"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+}
+
+/// tcpfwd's arguments for both NAMES against a stand-in CA.
+fn stand_in_args(
+    directory: &str,
+    pki: &common::Pki,
+    state: &TempDir,
+    backend: std::net::SocketAddr,
+) -> Vec<String> {
+    [
+        "--map",
+        &format!("127.0.0.1:0:{backend}"),
+        "--acme-domain",
+        NAMES[0],
+        "--acme-domain",
+        NAMES[1],
+        "--acme-directory",
+        directory,
+        "--acme-ca-root",
+        pki.ca.to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
@@ -410,29 +446,8 @@ async fn rate_limited_renewal_waits_as_told_and_says_when_the_certificate_expire
     let mut params = rcgen::CertificateParams::new(NAMES.map(String::from).to_vec()).unwrap();
     params.not_before = now - time::Duration::hours(3);
     params.not_after = now + time::Duration::hours(1);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let dir = state.join(&format!("127.0.0.1_{}_dir", ca.addr.port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-
-    let args: Vec<String> = [
-        "--map",
-        &format!("127.0.0.1:0:{backend}"),
-        "--acme-domain",
-        NAMES[0],
-        "--acme-domain",
-        NAMES[1],
-        "--acme-directory",
-        &ca.directory_url(),
-        "--acme-ca-root",
-        pki.ca.to_str().unwrap(),
-        "--state-dir",
-        state.path().to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
+    store_self_signed(&state, ca.addr.port(), &params);
+    let args = stand_in_args(&ca.directory_url(), &pki, &state, backend);
     let fwd = start(&args);
     assert!(has(&fwd, |e| msg(e) == "serving the stored certificate"));
     let failed = fwd
@@ -507,29 +522,8 @@ async fn renewal_follows_the_ca_renewal_window_when_offered() {
     params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(89);
     params.use_authority_key_identifier_extension = true;
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let dir = state.join(&format!("127.0.0.1_{}_dir", ca.addr.port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-
-    let args: Vec<String> = [
-        "--map",
-        &format!("127.0.0.1:0:{backend}"),
-        "--acme-domain",
-        NAMES[0],
-        "--acme-domain",
-        NAMES[1],
-        "--acme-directory",
-        &ca.directory_url(),
-        "--acme-ca-root",
-        pki.ca.to_str().unwrap(),
-        "--state-dir",
-        state.path().to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
+    store_self_signed(&state, ca.addr.port(), &params);
+    let args = stand_in_args(&ca.directory_url(), &pki, &state, backend);
     let fwd = start(&args);
     let order = fwd
         .wait_for(|e| msg(e) == "ordering a certificate", 1, ISSUE)
