@@ -422,10 +422,11 @@ mod tests {
         let down: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
         let copy = tokio::spawn(async move { copy_both_ways(&mut a, &mut b).await });
         let (up2, down2) = (up.clone(), down.clone());
-        let client = tokio::spawn(async move {
-            let (mut rd, mut wr) = tokio::io::split(a_peer);
+        // Each peer sends its data and half-closes while reading everything back.
+        async fn peer(stream: tokio::io::DuplexStream, data: Vec<u8>) -> Vec<u8> {
+            let (mut rd, mut wr) = tokio::io::split(stream);
             let w = async {
-                wr.write_all(&up2).await.unwrap();
+                wr.write_all(&data).await.unwrap();
                 wr.shutdown().await.unwrap();
             };
             let mut got = Vec::new();
@@ -433,19 +434,9 @@ mod tests {
             let (_, n) = tokio::join!(w, r);
             n.unwrap();
             got
-        });
-        let backend = tokio::spawn(async move {
-            let (mut rd, mut wr) = tokio::io::split(b_peer);
-            let w = async {
-                wr.write_all(&down2).await.unwrap();
-                wr.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let r = rd.read_to_end(&mut got);
-            let (_, n) = tokio::join!(w, r);
-            n.unwrap();
-            got
-        });
+        }
+        let client = tokio::spawn(peer(a_peer, up2));
+        let backend = tokio::spawn(peer(b_peer, down2));
         assert_eq!(backend.await.unwrap(), up);
         assert_eq!(client.await.unwrap(), down);
         let (there, back) = copy.await.unwrap().unwrap();
