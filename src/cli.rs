@@ -142,7 +142,8 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
-    /// Worker threads for the runtime (default: one per CPU).
+    /// Worker threads for the runtime (default: one per CPU). With one, every
+    /// connection runs on the main thread (tokio's current-thread scheduler).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
 

@@ -38,10 +38,20 @@ fn main() -> ExitCode {
         notifier: std::sync::Arc::new(notify::Notifier::from_env()),
     };
 
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.threads {
-        rt.worker_threads(n.into());
-    }
+    // One thread: the current-thread scheduler runs every task on this thread,
+    // with no work stealing and no cross-thread wake-ups (each costs an eventfd
+    // write and an extra epoll_wait in the multi-thread scheduler).
+    let threads = cli
+        .threads
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        rt.worker_threads(threads);
+        rt
+    };
     let rt = match rt.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -117,7 +117,8 @@ async fn full_duplex<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(s: S, up: 
 async fn sixty_four_mib_each_way_at_once_byte_exact() {
     let pki = Pki::new();
     let echo = backends::echo().await;
-    let fwd = start(&pki, &[map_to(echo)], &[]);
+    // One thread: the current-thread runtime (other tests use the default).
+    let fwd = start(&pki, &[map_to(echo)], &["--threads", "1"]);
     let data = pattern(7, 64 << 20);
     let s = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
         .await
@@ -139,7 +140,7 @@ async fn sixty_four_mib_each_way_at_once_byte_exact() {
 async fn two_hundred_concurrent_connections() {
     let pki = Pki::new();
     let echo = backends::echo().await;
-    let fwd = start(&pki, &[map_to(echo)], &[]);
+    let fwd = start(&pki, &[map_to(echo)], &["--threads", "1"]);
     let addr = fwd.addr(0);
     let cfg = pki.client_config();
     let mut tasks = Vec::new();
