@@ -10,11 +10,11 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
-use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::{BackendHost, MapSpec, Timeouts};
 use crate::splice::{self, Counted, Expired, Side, Stats};
 use crate::tls::TlsRouter;
+use crate::tls_conn;
 
 /// What every connection shares: TLS and the limits.
 pub struct Context {
@@ -149,11 +149,11 @@ async fn run(
     sni: &mut Option<String>,
 ) -> End {
     let handshake = async {
-        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-        let hello = start.client_hello();
-        *sni = hello.server_name().map(str::to_owned);
-        let (config, challenge) = ctx.tls.config_for(&hello);
-        let stream = start.into_stream(config).await?;
+        let hello = tls_conn::read_hello(tcp).await?;
+        let client_hello = hello.client_hello();
+        *sni = client_hello.server_name().map(str::to_owned);
+        let (config, challenge) = ctx.tls.config_for(&client_hello);
+        let stream = hello.handshake(config).await?;
         Ok::<_, io::Error>((stream, challenge))
     };
     let mut client = match timeout(ctx.timeouts.handshake, handshake).await {

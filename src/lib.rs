@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: [`config`] is validated once, [`listener`] opens the
 //! sockets, [`server`] accepts, [`forward`] runs each connection through the
-//! [`tls`] handshake and the [`splice`].
+//! [`tls`] handshake (driven by [`tls_conn`]) and the [`splice`].
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -22,3 +22,4 @@ pub mod splice;
 pub mod state;
 pub mod sys;
 pub mod tls;
+pub mod tls_conn;

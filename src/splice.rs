@@ -264,7 +264,8 @@ impl OneWay {
             self.pending.clear();
             self.written = 0;
             if self.read_done {
-                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                // Shutdown flushes first; for TLS, what is queued, the
+                // close_notify and the FIN then leave together.
                 ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
                 self.done = Some(self.total);
                 return Poll::Ready(Ok(self.total));
