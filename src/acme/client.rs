@@ -1,4 +1,5 @@
-//! The HTTPS client for the ACME CA, remembering the last failed request for the log.
+//! The HTTPS client for the ACME CA: HTTP/1.1 over rustls (ring), one
+//! connection per request, remembering the last failed request for the log.
 
 use std::future::Future;
 use std::path::Path;
@@ -6,20 +7,24 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, Context as _};
+use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt as _;
 use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
+use super::http1::{encode_request, ResponseReader};
 use super::{error_chain, REQUEST_TIMEOUT};
 use crate::tls::CertError;
+
+/// Longest the name lookup and TCP connection to the CA may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The last request to the CA that failed, for the log line and `Retry-After`.
 #[derive(Debug, Clone)]
@@ -30,10 +35,13 @@ pub(super) struct Failure {
     pub(super) retry_after: Option<SystemTime>,
 }
 
-/// The HTTPS client for the CA: hyper with rustls (ring), remembering the last failure.
+/// The HTTPS client for the CA, remembering the last failure.
+///
+/// ACME makes a handful of requests per renewal, so each gets its own
+/// connection (`Connection: close`): no pool, no HTTP/2.
 #[derive(Clone)]
 pub(super) struct Http {
-    client: HyperClient<HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>,
+    tls: TlsConnector,
     failure: Arc<Mutex<Option<Failure>>>,
 }
 
@@ -46,12 +54,12 @@ fn parse_retry_after(value: &http::HeaderValue) -> Option<SystemTime> {
 }
 
 impl Http {
+    /// Trusts the roots in `ca_root` (a PEM file) if given, else the system's.
     pub(super) fn new(
         ca_root: Option<&Path>,
         provider: &Arc<CryptoProvider>,
     ) -> anyhow::Result<Http> {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let builder = match ca_root {
+        let roots = match ca_root {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
                     CertError(format!(
@@ -81,27 +89,18 @@ impl Http {
                     ))
                     .into());
                 }
-                let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| anyhow!("TLS client configuration: {e}"))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                builder.with_tls_config(config)
+                roots
             }
-            None => builder
-                .with_provider_and_platform_verifier(provider.clone())
-                .context("loading the system's root certificates for the ACME CA")?,
+            None => system_roots()?,
         };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(30)));
-        let connector = builder
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| anyhow!("TLS client configuration: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Http {
-            client: HyperClient::builder(TokioExecutor::new()).build(connector),
+            tls: TlsConnector::from(Arc::new(config)),
             failure: Arc::new(Mutex::new(None)),
         })
     }
@@ -118,6 +117,105 @@ impl Http {
     }
 }
 
+/// The system's trusted roots (what rustls-native-certs finds: SSL_CERT_FILE,
+/// SSL_CERT_DIR or the distribution's bundle), as rustls-platform-verifier
+/// does on Linux. Certificates that cannot be loaded are logged and skipped,
+/// as long as some can.
+fn system_roots() -> anyhow::Result<rustls::RootCertStore> {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "cannot load some of the system's root certificates; skipping them");
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    if ignored > 0 {
+        tracing::warn!(
+            ignored,
+            "skipping system root certificates that cannot be parsed"
+        );
+    }
+    if added == 0 {
+        bail!("no usable root certificates found on this system to check the ACME CA's certificate; install the ca-certificates package or pass --acme-ca-root");
+    }
+    tracing::debug!(
+        roots = added,
+        "loaded the system's root certificates for the ACME CA"
+    );
+    Ok(roots)
+}
+
+/// Sends `req` over a new TLS connection and reads the whole response.
+async fn send(
+    tls: TlsConnector,
+    req: Request<BodyWrapper<Bytes>>,
+) -> Result<(http::response::Parts, Bytes), String> {
+    let (parts, body) = req.into_parts();
+    let uri = &parts.uri;
+    if uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
+        return Err("only https:// URLs are supported for the ACME CA".to_string());
+    }
+    let host = uri.host().ok_or("the URL has no host")?;
+    // An IPv6 literal is in brackets in the URL, not in the lookup or SNI.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(443);
+    // The body is in memory already: collecting it cannot fail (Infallible).
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    let request = encode_request(&parts, &body)?;
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| format!("{host:?} cannot be a TLS server name ({e})"))?;
+
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect(host, port))
+        .await
+        .map_err(|_| format!("cannot connect to {host}:{port} within {CONNECT_TIMEOUT:?}"))??;
+    let mut stream = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake with {host}:{port}: {}", error_chain(&e)))?;
+    stream
+        .write_all(&request)
+        .await
+        .map_err(|e| format!("sending the request: {}", error_chain(&e)))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| format!("sending the request: {}", error_chain(&e)))?;
+
+    let mut reader = ResponseReader::new(&parts.method);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(n) => n,
+            // The server closed without close_notify. Many do after
+            // `Connection: close`; a response whose framing is incomplete
+            // is still refused by finish().
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(format!("reading the response: {}", error_chain(&e))),
+        };
+        if n == 0 || reader.feed(&buf[..n])? {
+            break;
+        }
+    }
+    reader.finish()
+}
+
+/// A TCP connection to the first address of `host` that accepts one.
+async fn connect(host: &str, port: u16) -> Result<TcpStream, String> {
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    let mut last = format!("{host} has no address");
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = format!("cannot connect to {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
 impl HttpClient for Http {
     fn request(
         &self,
@@ -125,7 +223,7 @@ impl HttpClient for Http {
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
         let method = req.method().clone();
         let url = req.uri().to_string();
-        let fut = self.client.request(req);
+        let fut = send(self.tls.clone(), req);
         let slot = self.failure.clone();
         Box::pin(async move {
             let record = |status, retry_after| {
@@ -136,7 +234,7 @@ impl HttpClient for Http {
                     retry_after,
                 });
             };
-            let rsp = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+            let (parts, body) = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
                 Err(_) => {
                     record(None, None);
                     return Err(instant_acme::Error::Other(
@@ -146,22 +244,25 @@ impl HttpClient for Http {
                 Ok(Err(e)) => {
                     record(None, None);
                     return Err(instant_acme::Error::Other(
-                        format!("{method} {url}: {}", error_chain(&e)).into(),
+                        format!("{method} {url}: {e}").into(),
                     ));
                 }
                 Ok(Ok(rsp)) => rsp,
             };
-            let status = rsp.status();
+            let status = parts.status;
             if status.is_client_error() || status.is_server_error() {
-                let ra = rsp
-                    .headers()
+                let ra = parts
+                    .headers
                     .get(http::header::RETRY_AFTER)
                     .and_then(parse_retry_after);
                 record(Some(status), ra);
             } else {
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
             }
-            Ok(BytesResponse::from(rsp))
+            Ok(BytesResponse {
+                parts,
+                body: Box::new(body),
+            })
         })
     }
 }

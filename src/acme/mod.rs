@@ -23,6 +23,7 @@ use crate::state::StateDir;
 use crate::tls::{self, CertResolver, TlsRouter};
 
 mod client;
+mod http1;
 
 use self::client::{Failure, Http};
 
