@@ -1,10 +1,12 @@
 //! The HTTPS client for the ACME CA: HTTP/1.1 over rustls (ring), one
 //! connection per request, remembering the last failed request for the log.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail};
@@ -25,6 +27,8 @@ use crate::tls::CertError;
 
 /// Longest the name lookup and TCP connection to the CA may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one address of the CA gets before the next is tried as well (RFC 8305's value).
+const NEXT_ADDRESS_DELAY: Duration = Duration::from_millis(250);
 
 /// The last request to the CA that failed, for the log line and `Retry-After`.
 #[derive(Debug, Clone)]
@@ -201,19 +205,53 @@ async fn send(
     reader.finish()
 }
 
-/// A TCP connection to the first address of `host` that accepts one.
+/// One connection attempt: the address and how it went.
+type Attempt = Pin<Box<dyn Future<Output = (SocketAddr, std::io::Result<TcpStream>)> + Send>>;
+
+/// A TCP connection to the first address of `host` that accepts one, in the
+/// resolver's order. Like hyper before it (happy eyeballs, RFC 8305), the next
+/// address is tried as soon as one fails or has not answered within
+/// [`NEXT_ADDRESS_DELAY`], so an IPv6 route that drops packets does not use
+/// up the whole timeout. The attempts are polled here, not spawned.
 async fn connect(host: &str, port: u16) -> Result<TcpStream, String> {
-    let addrs = tokio::net::lookup_host((host, port))
+    let mut addrs = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .peekable();
+    let mut attempts: Vec<Attempt> = Vec::new();
     let mut last = format!("{host} has no address");
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => last = format!("cannot connect to {addr}: {e}"),
+    loop {
+        if let Some(addr) = addrs.next() {
+            attempts.push(Box::pin(
+                async move { (addr, TcpStream::connect(addr).await) },
+            ));
+        }
+        if attempts.is_empty() {
+            return Err(last);
+        }
+        let more = addrs.peek().is_some();
+        let mut head_start = pin!(tokio::time::sleep(NEXT_ADDRESS_DELAY));
+        let finished = poll_fn(|cx| {
+            for i in 0..attempts.len() {
+                if let Poll::Ready(done) = attempts[i].as_mut().poll(cx) {
+                    // It has finished: never poll it again.
+                    drop(attempts.swap_remove(i));
+                    return Poll::Ready(Some(done));
+                }
+            }
+            if more && head_start.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        match finished {
+            Some((_, Ok(tcp))) => return Ok(tcp),
+            Some((addr, Err(e))) => last = format!("cannot connect to {addr}: {e}"),
+            // The head start is over: the next address joins in.
+            None => {}
         }
     }
-    Err(last)
 }
 
 impl HttpClient for Http {
