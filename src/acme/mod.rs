@@ -4,32 +4,28 @@
 //! router (challenge certificates while a name is being validated) and the
 //! state directory; connections never wait on it.
 
-use std::future::Future;
-use std::path::Path;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _};
-use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, Request};
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse,
-    CertificateIdentifier, ChallengeType, ExternalAccountKey, HttpClient, Identifier, NewAccount,
-    NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, CertificateIdentifier,
+    ChallengeType, ExternalAccountKey, HttpClient, Identifier, NewAccount, NewOrder, OrderStatus,
+    RetryPolicy,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::AcmeConfig;
 use crate::state::StateDir;
-use crate::tls::{self, CertError, CertResolver, TlsRouter};
+use crate::tls::{self, CertResolver, TlsRouter};
+
+mod client;
+mod http1;
+
+use self::client::{Failure, Http};
 
 /// Files in the CA's state sub-directory.
 const ACCOUNT_FILE: &str = "account.json";
@@ -204,22 +200,7 @@ fn when(t: SystemTime) -> String {
     }
 }
 
-/// The last request to the CA that failed, for the log line and `Retry-After`.
-#[derive(Debug, Clone)]
-struct Failure {
-    method: Method,
-    url: String,
-    status: Option<StatusCode>,
-    retry_after: Option<SystemTime>,
-}
-
-/// The HTTPS client for the CA: hyper with rustls (ring), remembering the last failure.
-#[derive(Clone)]
-struct Http {
-    client: HyperClient<HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>,
-    failure: Arc<Mutex<Option<Failure>>>,
-}
-
+/// An error and its sources on one line, each source once.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -232,132 +213,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
-}
-
-fn parse_retry_after(value: &http::HeaderValue) -> Option<SystemTime> {
-    let v = value.to_str().ok()?.trim();
-    match v.parse::<u64>() {
-        Ok(secs) => Some(SystemTime::now() + Duration::from_secs(secs)),
-        Err(_) => httpdate::parse_http_date(v).ok(),
-    }
-}
-
-impl Http {
-    fn new(ca_root: Option<&Path>, provider: &Arc<CryptoProvider>) -> anyhow::Result<Http> {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let builder = match ca_root {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    CertError(format!(
-                        "cannot read --acme-ca-root {}: {e}; check the path",
-                        path.display()
-                    ))
-                })?;
-                let mut roots = rustls::RootCertStore::empty();
-                for der in CertificateDer::pem_slice_iter(&pem) {
-                    let der = der.map_err(|e| {
-                        CertError(format!(
-                            "--acme-ca-root {} is not valid PEM ({e})",
-                            path.display()
-                        ))
-                    })?;
-                    roots.add(der).map_err(|e| {
-                        CertError(format!(
-                            "--acme-ca-root {} holds a certificate that cannot be a root ({e})",
-                            path.display()
-                        ))
-                    })?;
-                }
-                if roots.is_empty() {
-                    return Err(CertError(format!(
-                        "--acme-ca-root {} holds no certificate (no '-----BEGIN CERTIFICATE-----' block)",
-                        path.display()
-                    ))
-                    .into());
-                }
-                let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| anyhow!("TLS client configuration: {e}"))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                builder.with_tls_config(config)
-            }
-            None => builder
-                .with_provider_and_platform_verifier(provider.clone())
-                .context("loading the system's root certificates for the ACME CA")?,
-        };
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(Duration::from_secs(30)));
-        let connector = builder
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        Ok(Http {
-            client: HyperClient::builder(TokioExecutor::new()).build(connector),
-            failure: Arc::new(Mutex::new(None)),
-        })
-    }
-
-    fn take_failure(&self) -> Option<Failure> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-    }
-
-    fn boxed(&self) -> Box<dyn HttpClient> {
-        Box::new(self.clone())
-    }
-}
-
-impl HttpClient for Http {
-    fn request(
-        &self,
-        req: Request<BodyWrapper<Bytes>>,
-    ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
-        let method = req.method().clone();
-        let url = req.uri().to_string();
-        let fut = self.client.request(req);
-        let slot = self.failure.clone();
-        Box::pin(async move {
-            let record = |status, retry_after| {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Failure {
-                    method: method.clone(),
-                    url: url.clone(),
-                    status,
-                    retry_after,
-                });
-            };
-            let rsp = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
-                Err(_) => {
-                    record(None, None);
-                    return Err(instant_acme::Error::Other(
-                        format!("{method} {url}: no answer within {REQUEST_TIMEOUT:?}").into(),
-                    ));
-                }
-                Ok(Err(e)) => {
-                    record(None, None);
-                    return Err(instant_acme::Error::Other(
-                        format!("{method} {url}: {}", error_chain(&e)).into(),
-                    ));
-                }
-                Ok(Ok(rsp)) => rsp,
-            };
-            let status = rsp.status();
-            if status.is_client_error() || status.is_server_error() {
-                let ra = rsp
-                    .headers()
-                    .get(http::header::RETRY_AFTER)
-                    .and_then(parse_retry_after);
-                record(Some(status), ra);
-            } else {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            }
-            Ok(BytesResponse::from(rsp))
-        })
-    }
 }
 
 /// What the directory says beyond what instant-acme keeps.
