@@ -23,3 +23,4 @@ pub mod state;
 pub mod sys;
 pub mod tls;
 pub mod tls_conn;
+pub mod x509;
