@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use rustls::sign::CertifiedKey;
 
+use crate::x509::GeneralName;
+
 /// Where notifications go, read once from the environment at start.
 #[derive(Debug, Default)]
 pub struct Notifier {
@@ -193,29 +195,27 @@ pub fn describe_cert(key: &CertifiedKey, by_names: bool, now_unix: i64) -> Strin
     let Some(der) = key.end_entity_cert().ok() else {
         return "no certificate".into();
     };
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+    let Ok(cert) = crate::x509::parse(der.as_ref()) else {
         return "an unreadable certificate".into();
     };
-    let subject = cert.subject().to_string();
-    let names = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
-            .iter()
-            .map(|n| match n {
-                x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
-                other => other.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(" "),
-        _ => String::new(),
-    };
+    let subject = cert.subject().unwrap_or_default();
+    let names = cert
+        .subject_alt_names()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|n| match n {
+            GeneralName::Dns(d) => Some(d.to_string()),
+            GeneralName::Ip(ip) => Some(ip.to_string()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
     let subject = if (by_names || subject.is_empty()) && !names.is_empty() {
         format!("for {names}")
     } else {
         subject
     };
-    let not_after = cert.validity().not_after.timestamp();
+    let not_after = cert.not_after;
     let (y, m, d) = civil_from_days(not_after.div_euclid(86_400));
     let left = not_after - now_unix;
     let when = if left < 0 {
@@ -283,6 +283,33 @@ mod tests {
         assert_eq!(civil_from_days(19_723), (2024, 1, 1));
         assert_eq!(civil_from_days(19_782), (2024, 2, 29));
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
+    }
+
+    /// `der` with some key: describe_cert reads only the certificate.
+    fn certified(der: Vec<u8>) -> CertifiedKey {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let key = rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
+        CertifiedKey::new(vec![der.into()], key)
+    }
+
+    #[test]
+    fn certificates_are_described_by_subject_or_names() {
+        let leaf = certified(crate::x509::tests::openssl_leaf().to_vec());
+        let not_after = 1_803_389_104;
+        assert_eq!(
+            describe_cert(&leaf, false, not_after - 41 * 86_400),
+            "C=DE, ST=Berlin, L=Berlin, O=Example Cams, OU=Ops, CN=cams.example.org, \
+             1.2.840.113549.1.9.1=me@example.org, expires 2027-02-23 (in 41 days)"
+        );
+        assert_eq!(
+            describe_cert(&leaf, true, not_after + 3 * 86_400),
+            "for Cams.Example.org *.example.org 127.0.0.1, expires 2027-02-23 (EXPIRED 3 days ago)"
+        );
+        assert_eq!(
+            describe_cert(&certified(vec![0x30, 0x00]), false, 0),
+            "an unreadable certificate"
+        );
     }
 
     #[test]

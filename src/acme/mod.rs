@@ -16,11 +16,12 @@ use instant_acme::{
 };
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, Der, PrivateKeyDer};
 
 use crate::config::AcmeConfig;
 use crate::state::StateDir;
 use crate::tls::{self, CertResolver, TlsRouter};
+use crate::x509;
 
 mod client;
 mod http1;
@@ -66,29 +67,17 @@ pub struct CertInfo {
 impl CertInfo {
     /// Reads names and validity from the leaf certificate.
     pub fn from_leaf(leaf: &CertificateDer<'_>) -> Result<CertInfo, String> {
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-            .map_err(|e| format!("the certificate cannot be parsed ({e})"))?;
-        let to_time = |t: x509_parser::time::ASN1Time| {
-            let secs = t.timestamp();
-            if secs >= 0 {
-                UNIX_EPOCH + Duration::from_secs(secs as u64)
-            } else {
-                UNIX_EPOCH
-            }
+        let unreadable = |e: x509::Error| format!("the certificate cannot be parsed ({e})");
+        let cert = x509::parse(leaf.as_ref()).map_err(unreadable)?;
+        let to_time = |secs: i64| match u64::try_from(secs) {
+            Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs),
+            Err(_) => UNIX_EPOCH,
         };
-        let validity = cert.validity();
-        let mut names = Vec::new();
-        if let Ok(Some(san)) = cert.subject_alternative_name() {
-            for n in &san.value.general_names {
-                if let x509_parser::extensions::GeneralName::DNSName(d) = n {
-                    names.push(d.to_ascii_lowercase());
-                }
-            }
-        }
+        let names = cert.dns_names().map_err(unreadable)?;
         Ok(CertInfo {
             names,
-            not_before: to_time(validity.not_before),
-            not_after: to_time(validity.not_after),
+            not_before: to_time(cert.not_before),
+            not_after: to_time(cert.not_after),
             sha256: tls::sha256_fingerprint(leaf),
             leaf: leaf.clone().into_owned(),
         })
@@ -102,6 +91,20 @@ impl CertInfo {
             .map(String::as_str)
             .collect()
     }
+}
+
+/// The certificate's ARI identifier (RFC 9773 section 4.1): its Authority Key
+/// Identifier's keyIdentifier and its serial number's content bytes.
+pub fn ari_identifier(leaf: &CertificateDer<'_>) -> Result<CertificateIdentifier<'static>, String> {
+    let unreadable = |e: x509::Error| format!("the certificate cannot be parsed ({e})");
+    let cert = x509::parse(leaf.as_ref()).map_err(unreadable)?;
+    let aki = cert.authority_key_id().map_err(unreadable)?.ok_or(
+        "the certificate has no Authority Key Identifier, which ARI needs to name it".to_string(),
+    )?;
+    Ok(CertificateIdentifier::new(
+        Der::from_slice(aki),
+        Der::from_slice(cert.serial),
+    ))
 }
 
 /// When to renew: a random point in the CA's ARI window when it gave a usable
@@ -603,7 +606,7 @@ impl Manager {
                 return Ok(None);
             }
             let account = self.account().await?;
-            let id = CertificateIdentifier::try_from(&cur.leaf).map_err(|e| anyhow!(e))?;
+            let id = ari_identifier(&cur.leaf).map_err(|e| anyhow!(e))?;
             let (info, retry) = account
                 .renewal_info(&id)
                 .await
@@ -792,7 +795,7 @@ impl Manager {
         let cfg = self.task.cfg.clone();
         let ids: Vec<Identifier> = cfg.domains.iter().cloned().map(Identifier::Dns).collect();
         let replaces = match (&self.task.current, dir.renewal_info) {
-            (Some(cur), true) => CertificateIdentifier::try_from(&cur.leaf).ok(),
+            (Some(cur), true) => ari_identifier(&cur.leaf).ok(),
             _ => None,
         };
         let renewal = self.task.current.is_some();
@@ -1006,15 +1009,44 @@ mod tests {
     }
 
     #[test]
+    fn stored_certificate_info_and_ari_identifier() {
+        let leaf = crate::x509::tests::openssl_leaf();
+        let info = CertInfo::from_leaf(&leaf).unwrap();
+        assert_eq!(info.names, ["cams.example.org", "*.example.org"]);
+        assert_eq!(
+            info.not_before,
+            UNIX_EPOCH + Duration::from_secs(1_795_613_104)
+        );
+        assert_eq!(
+            info.not_after,
+            UNIX_EPOCH + Duration::from_secs(1_803_389_104)
+        );
+        // base64url of the AKI keyid and of the serial's content bytes (00 80 ab ...),
+        // from `openssl x509 -noout -ext authorityKeyIdentifier -serial`; instant-acme's
+        // x509-parser feature gave the same before it was dropped.
+        let id = ari_identifier(&leaf).unwrap();
+        assert_eq!(id.to_string(), "DoSfW6LTPzfetsisQNnP82vW1gU.AICrze8BI0VniQ");
+
+        let self_signed = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+        let err = ari_identifier(self_signed.cert.der()).unwrap_err();
+        assert!(err.contains("no Authority Key Identifier"), "{err}");
+        let err = CertInfo::from_leaf(&CertificateDer::from(vec![0x30, 0x00])).unwrap_err();
+        assert!(
+            err.starts_with("the certificate cannot be parsed (tbsCertificate: "),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn challenge_certificate_carries_the_acme_identifier() {
         let p = tls::provider(false);
         let ck = challenge_cert("cams.example.org", &[7u8; 32], &p).unwrap();
         let leaf = ck.end_entity_cert().unwrap();
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+        let cert = x509::parse(leaf.as_ref()).unwrap();
+        // id-pe-acmeIdentifier, 1.3.6.1.5.5.7.1.31.
         let ext = cert
-            .extensions()
-            .iter()
-            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .extension(&[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x01, 0x1f])
+            .unwrap()
             .expect("acmeIdentifier extension");
         assert!(ext.critical);
         assert_eq!(&ext.value[2..], &[7u8; 32]);
