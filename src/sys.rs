@@ -66,3 +66,29 @@ pub fn try_lock_exclusive(file: &std::fs::File) -> std::io::Result<bool> {
         Err(err)
     }
 }
+
+/// Asks the kernel to hand over accepted connections only once the client
+/// has sent something (Linux TCP_DEFER_ACCEPT); a no-op elsewhere.
+pub fn defer_accept(fd: std::os::fd::BorrowedFd<'_>, secs: u32) -> std::io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use std::os::fd::AsRawFd;
+        let v = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+        // SAFETY: a plain setsockopt on a valid descriptor with a c_int value.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (fd, secs);
+    Ok(())
+}
