@@ -191,6 +191,16 @@ async fn run(
             }
         }
     };
+    if let End::Failed(_) = end {
+        // Data already handed to TLS still goes out (the splice may have
+        // ended on the other direction's error), without a close_notify: the
+        // client must see that the stream was cut.
+        let _ = timeout(
+            Duration::from_secs(1),
+            tokio::io::AsyncWriteExt::flush(&mut *client),
+        )
+        .await;
+    }
     if matches!(
         end,
         End::ConnectTimeout | End::BackendUnreachable(_) | End::Expired(_)

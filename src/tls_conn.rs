@@ -25,6 +25,12 @@ const MSG_MORE: libc::c_int = libc::MSG_MORE;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 const MSG_MORE: libc::c_int = 0;
 
+/// No SIGPIPE for a send to a reset peer (Rust ignores SIGPIPE anyway).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const MSG_NOSIGNAL: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const MSG_NOSIGNAL: libc::c_int = 0;
+
 /// A connection whose ClientHello has been read, before a configuration is chosen.
 pub struct Hello {
     accepted: Accepted,
@@ -236,7 +242,11 @@ impl AsyncWrite for TlsConn {
         }
         if !this.fin_sent {
             this.fin_sent = true;
-            SockRef::from(&this.tcp).shutdown(std::net::Shutdown::Write)?;
+            match SockRef::from(&this.tcp).shutdown(std::net::Shutdown::Write) {
+                // The peer already reset the connection: nothing left to close.
+                Err(e) if e.kind() != io::ErrorKind::NotConnected => return Poll::Ready(Err(e)),
+                _ => {}
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -301,7 +311,7 @@ impl Write for SendAdapter<'_, '_> {
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => return Err(io::ErrorKind::WouldBlock.into()),
             }
-            let flags = self.flags | libc::MSG_NOSIGNAL;
+            let flags = self.flags | MSG_NOSIGNAL;
             match self.tcp.try_io(Interest::WRITABLE, || {
                 SockRef::from(self.tcp).send_vectored_with_flags(bufs, flags)
             }) {

@@ -476,6 +476,45 @@ async fn connection_limit_refuses_new_ones_and_keeps_open_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_response_arrives_when_the_backend_resets_right_after_it() {
+    // Embedded web servers often end with a reset instead of a FIN: the
+    // response and the RST reach tcpfwd together, and the response must
+    // still reach the client.
+    let pki = Pki::new();
+    // A blocking socket on its own thread: the write and the reset leave
+    // microseconds apart, before tcpfwd has read the response.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        let mut req = [0u8; 10];
+        s.read_exact(&mut req).unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        s.write_all(&[b'r'; 3000]).unwrap();
+        drop(s); // RST right behind the data
+    });
+    let fwd = start(&pki, &[map_to(backend)], &[]);
+    let mut s = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
+        .await
+        .unwrap();
+    s.write_all(b"0123456789").await.unwrap();
+    let mut got = vec![0u8; 3000];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got.iter().all(|&b| b == b'r'));
+    server.join().unwrap();
+    let ev = fwd
+        .wait_for_async(|e| msg(e) == "connection closed", 1, T)
+        .await;
+    assert_eq!(ev[0]["bytes_down"], 3000, "{}", ev[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn byte_counts_of_a_connection_that_ended_in_an_error() {
     // The backend sends 3000 bytes and then resets the connection.
     let pki = Pki::new();
