@@ -192,8 +192,8 @@ async fn run(
         }
     };
     if let End::Failed(_) = end {
-        // Data already handed to TLS still goes out (the splice may have
-        // ended on the other direction's error), without a close_notify: the
+        // Data already handed to TLS still goes out (a backend that resets
+        // right behind its last response, say), without a close_notify: the
         // client must see that the stream was cut.
         let _ = timeout(
             Duration::from_secs(1),

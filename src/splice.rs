@@ -296,16 +296,7 @@ impl OneWay {
                 Poll::Ready(Ok(()))
             });
             match read {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => {
-                    // A failed read (a backend that resets after its last
-                    // response, say) must not lose what the writer already
-                    // took: push it out as far as it goes now.
-                    if self.need_flush {
-                        let _ = Pin::new(&mut *w).poll_flush(cx);
-                    }
-                    return Poll::Ready(Err(e));
-                }
+                Poll::Ready(res) => res?,
                 Poll::Pending => {
                     // Nothing to read: free the buffer, push out what was written.
                     self.pending = Vec::new();

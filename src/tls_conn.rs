@@ -103,16 +103,9 @@ pub struct TlsConn {
 }
 
 impl TlsConn {
-    /// The rustls side, for what was negotiated.
-    pub fn connection(&self) -> &ServerConnection {
-        &self.conn
-    }
-
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.conn.is_handshaking() {
-            while self.conn.wants_write() {
-                ready!(self.poll_write_tls(cx, 0))?;
-            }
+            ready!(self.poll_drain(cx, 0))?;
             if ready!(self.poll_read_tls(cx))? == 0 && self.conn.is_handshaking() {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -124,9 +117,7 @@ impl TlsConn {
         // the client does not wait for: it leaves with the first data. Before
         // 1.3 the server's Finished may be queued, and the client waits for it.
         if self.conn.protocol_version() != Some(ProtocolVersion::TLSv1_3) {
-            while self.conn.wants_write() {
-                ready!(self.poll_write_tls(cx, 0))?;
-            }
+            ready!(self.poll_drain(cx, 0))?;
         }
         Poll::Ready(Ok(()))
     }
@@ -148,6 +139,14 @@ impl TlsConn {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
         }
         Poll::Ready(Ok(n))
+    }
+
+    /// Writes everything queued.
+    fn poll_drain(&mut self, cx: &mut Context<'_>, flags: libc::c_int) -> Poll<io::Result<()>> {
+        while self.conn.wants_write() {
+            ready!(self.poll_write_tls(cx, flags))?;
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Writes queued TLS records with one `writev` (or `sendmsg` with `flags`).
@@ -226,10 +225,7 @@ impl AsyncWrite for TlsConn {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.conn.wants_write() {
-            ready!(this.poll_write_tls(cx, 0))?;
-        }
-        Poll::Ready(Ok(()))
+        this.poll_drain(cx, 0)
     }
 
     /// Sends what is queued, then `close_notify`, then the FIN, all in one
@@ -237,9 +233,7 @@ impl AsyncWrite for TlsConn {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         this.conn.send_close_notify();
-        while this.conn.wants_write() {
-            ready!(this.poll_write_tls(cx, MSG_MORE))?;
-        }
+        ready!(this.poll_drain(cx, MSG_MORE))?;
         if !this.fin_sent {
             this.fin_sent = true;
             match SockRef::from(&this.tcp).shutdown(std::net::Shutdown::Write) {

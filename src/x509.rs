@@ -158,7 +158,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next element's content; its tag must be `tag`.
-    fn expect(&mut self, tag: u8, field: &'static str) -> Result<&'a [u8], Error> {
+    fn element(&mut self, tag: u8, field: &'static str) -> Result<&'a [u8], Error> {
         let found = self.peek_tag();
         if found != Some(tag) {
             return Err(err(
@@ -175,7 +175,7 @@ impl<'a> Reader<'a> {
     /// The next element's content if its tag is `tag`, else nothing is read.
     fn optional(&mut self, tag: u8, field: &'static str) -> Result<Option<&'a [u8]>, Error> {
         if self.peek_tag() == Some(tag) {
-            self.expect(tag, field).map(Some)
+            self.element(tag, field).map(Some)
         } else {
             Ok(None)
         }
@@ -198,7 +198,7 @@ impl<'a> Reader<'a> {
 /// The content of the only element in `bytes`, which must have tag `tag`.
 fn single<'a>(bytes: &'a [u8], tag: u8, field: &'static str) -> Result<&'a [u8], Error> {
     let mut r = Reader::new(bytes);
-    let content = r.expect(tag, field)?;
+    let content = r.element(tag, field)?;
     r.finish(field)?;
     Ok(content)
 }
@@ -247,9 +247,9 @@ pub enum GeneralName<'a> {
 pub fn parse(der: &[u8]) -> Result<Certificate<'_>, Error> {
     let cert = single(der, SEQUENCE, "Certificate")?;
     let mut r = Reader::new(cert);
-    let tbs = r.expect(SEQUENCE, "tbsCertificate")?;
-    r.expect(SEQUENCE, "signatureAlgorithm")?;
-    r.expect(BIT_STRING, "signatureValue")?;
+    let tbs = r.element(SEQUENCE, "tbsCertificate")?;
+    r.element(SEQUENCE, "signatureAlgorithm")?;
+    r.element(BIT_STRING, "signatureValue")?;
     r.finish("Certificate")?;
 
     let mut r = Reader::new(tbs);
@@ -259,15 +259,15 @@ pub fn parse(der: &[u8]) -> Result<Certificate<'_>, Error> {
             _ => return Err(err("version", Problem::Invalid("not v1, v2 or v3"))),
         }
     }
-    let serial = r.expect(INTEGER, "serialNumber")?;
+    let serial = r.element(INTEGER, "serialNumber")?;
     if serial.is_empty() {
         return Err(err("serialNumber", Problem::Invalid("empty")));
     }
-    r.expect(SEQUENCE, "signature")?;
-    r.expect(SEQUENCE, "issuer")?;
-    let validity = r.expect(SEQUENCE, "validity")?;
-    let subject = r.expect(SEQUENCE, "subject")?;
-    r.expect(SEQUENCE, "subjectPublicKeyInfo")?;
+    r.element(SEQUENCE, "signature")?;
+    r.element(SEQUENCE, "issuer")?;
+    let validity = r.element(SEQUENCE, "validity")?;
+    let subject = r.element(SEQUENCE, "subject")?;
+    r.element(SEQUENCE, "subjectPublicKeyInfo")?;
     r.optional(ISSUER_UID, "issuerUniqueID")?;
     r.optional(SUBJECT_UID, "subjectUniqueID")?;
     let extensions = match r.optional(EXTENSIONS, "extensions")? {
@@ -294,9 +294,9 @@ pub fn parse(der: &[u8]) -> Result<Certificate<'_>, Error> {
 /// The next Extension ::= SEQUENCE { extnID, critical BOOLEAN DEFAULT FALSE,
 /// extnValue OCTET STRING } in a list: its OID's content and the extension.
 fn next_extension<'a>(r: &mut Reader<'a>) -> Result<(&'a [u8], Extension<'a>), Error> {
-    let ext = r.expect(SEQUENCE, "extension")?;
+    let ext = r.element(SEQUENCE, "extension")?;
     let mut e = Reader::new(ext);
-    let id = e.expect(OID, "extnID")?;
+    let id = e.element(OID, "extnID")?;
     check_oid(id, "extnID")?;
     let critical = match e.optional(BOOLEAN, "critical")? {
         None => false,
@@ -304,7 +304,7 @@ fn next_extension<'a>(r: &mut Reader<'a>) -> Result<(&'a [u8], Extension<'a>), E
         Some([0xff]) => true,
         Some(_) => return Err(err("critical", Problem::Invalid("not a DER BOOLEAN"))),
     };
-    let value = e.expect(OCTET_STRING, "extnValue")?;
+    let value = e.element(OCTET_STRING, "extnValue")?;
     e.finish("extension")?;
     Ok((id, Extension { critical, value }))
 }
@@ -425,7 +425,7 @@ fn render_name(rdns: &[u8]) -> Result<String, Error> {
     let mut out = String::new();
     let mut r = Reader::new(rdns);
     while !r.is_empty() {
-        let set = r.expect(SET, "RelativeDistinguishedName")?;
+        let set = r.element(SET, "RelativeDistinguishedName")?;
         if set.is_empty() {
             return Err(err("RelativeDistinguishedName", Problem::Invalid("empty")));
         }
@@ -435,9 +435,9 @@ fn render_name(rdns: &[u8]) -> Result<String, Error> {
         let mut s = Reader::new(set);
         let mut first = true;
         while !s.is_empty() {
-            let atv = s.expect(SEQUENCE, "AttributeTypeAndValue")?;
+            let atv = s.element(SEQUENCE, "AttributeTypeAndValue")?;
             let mut a = Reader::new(atv);
-            let oid = a.expect(OID, "AttributeType")?;
+            let oid = a.element(OID, "AttributeType")?;
             let (tag, value) = a.any("AttributeValue")?;
             a.finish("AttributeTypeAndValue")?;
             if !first {
