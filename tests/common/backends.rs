@@ -72,8 +72,7 @@ pub async fn silent() -> SocketAddr {
 
 /// An address where nothing listens.
 pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 1], super::free_port()))
 }
 
 /// The DVR's web page; it opens the video WebSocket on the port given in the URL.

@@ -361,6 +361,38 @@ pub fn sha256(data: &[u8]) -> String {
         .collect()
 }
 
+/// A loopback port, free on TCP and UDP right now, for a program that must be told a fixed
+/// port (Pebble, challtestsrv, `systemd-socket-activate`, a closed backend).
+///
+/// A port from `bind(":0")` is a poor choice: it comes from the kernel's ephemeral range, so
+/// between our check and the program's own bind any outgoing connection on the machine can be
+/// given it (CI once failed on exactly that). These ports are taken below the ephemeral range,
+/// where the kernel never hands out ports by itself, and a process-wide counter, started at an
+/// offset drawn from the PID, keeps the tests of one run from choosing the same one twice.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.min(65_536));
+    assert!(
+        high > low + 1_000,
+        "the ephemeral port range starts at {ephemeral_low}; tests need 10000-11000 below it"
+    );
+    let span = high - low;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low + (start + n) % span) as u16;
+        let on = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(on).is_ok() && std::net::UdpSocket::bind(on).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {low} and {high}");
+}
+
 /// Whether this host can use ::1.
 pub fn has_ipv6_loopback() -> bool {
     std::net::TcpListener::bind("[::1]:0").is_ok()

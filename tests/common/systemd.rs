@@ -137,15 +137,9 @@ pub fn field<'a>(msg: &'a str, key: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// `n` distinct loopback ports that were free a moment ago
-/// (`systemd-socket-activate` refuses port 0).
+/// `n` distinct loopback ports, free right now (`systemd-socket-activate` refuses port 0).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    (0..n).map(|_| super::free_port()).collect()
 }
 
 /// `systemd-socket-activate -l 127.0.0.1:PORT... [--fdname=...] [-E env...] tcpfwd --log-format json ...`.
