@@ -13,7 +13,7 @@ use crate::forward::Context;
 use crate::listener::{self, Listener};
 use crate::notify::Notifier;
 use crate::reload::{Hangups, Reloader, Reloads, Status};
-use crate::server::{self, Limits};
+use crate::server::{Limits, Server};
 use crate::{sys, tls};
 
 /// Everything built from the configuration before the first accept.
@@ -143,6 +143,7 @@ pub async fn run_with(
     let limits = Limits {
         max_connections: config.max_connections,
         shutdown_timeout: config.shutdown_timeout,
+        workers: config.workers,
     };
     let notifier = systemd.notifier;
     let status = Status::new(
@@ -174,7 +175,9 @@ pub async fn run_with(
         notifier: notifier.clone(),
         status: status.clone(),
     };
-    tracing::info!(status = %status.line(), "ready");
+    let server = Server::start(prepared.listeners, prepared.ctx, limits)
+        .context("starting the worker threads")?;
+    tracing::info!(status = %status.line(), workers = config.workers, "ready");
     status.ready();
     let reloading = tokio::spawn(reloads.run());
     let watchdog = tokio::spawn(notifier.clone().run_watchdog());
@@ -186,7 +189,7 @@ pub async fn run_with(
         refresh.abort();
         notifier.stopping("Stopping: finishing open connections");
     };
-    server::run(prepared.listeners, prepared.ctx, limits, shutdown).await;
+    server.run_until(shutdown).await;
     watchdog.abort();
     Ok(())
 }

@@ -142,8 +142,9 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
-    /// Worker threads for the runtime (default: one per CPU). With one, every
-    /// connection runs on the main thread (tokio's current-thread scheduler).
+    /// Worker threads (default: one per CPU). Each runs its own event loop and
+    /// accepts on every listening socket; a connection stays on the thread that
+    /// accepted it. With one, everything runs on the main thread.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
 

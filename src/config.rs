@@ -360,6 +360,8 @@ pub struct Config {
     pub shutdown_timeout: std::time::Duration,
     /// Connection cap over all maps.
     pub max_connections: usize,
+    /// Threads that accept and serve connections, each with its own event loop.
+    pub workers: usize,
 }
 
 impl Config {
@@ -415,6 +417,10 @@ impl Config {
             },
             shutdown_timeout: cli.shutdown_timeout.0,
             max_connections: cli.max_connections as usize,
+            workers: match cli.threads {
+                Some(n) => usize::from(n),
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            },
         })
     }
 }

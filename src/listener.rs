@@ -21,6 +21,19 @@ pub struct Listener {
     pub local_addr: SocketAddr,
 }
 
+impl Listener {
+    /// Another handle on the same socket (a `dup`), registered with the event
+    /// loop of the calling thread, for another worker's accept loop.
+    pub fn try_clone(&self) -> io::Result<Listener> {
+        let dup = socket2::SockRef::from(&self.socket).try_clone()?;
+        Ok(Listener {
+            map: self.map.clone(),
+            socket: TcpListener::from_std(dup.into())?,
+            local_addr: self.local_addr,
+        })
+    }
+}
+
 /// A port that cannot be listened on; the message says what to do.
 #[derive(Debug)]
 pub struct BindError(pub String);

@@ -38,21 +38,13 @@ fn main() -> ExitCode {
         notifier: std::sync::Arc::new(notify::Notifier::from_env()),
     };
 
-    // One thread: the current-thread scheduler runs every task on this thread,
-    // with no work stealing and no cross-thread wake-ups (each costs an eventfd
-    // write and an extra epoll_wait in the multi-thread scheduler).
-    let threads = cli
-        .threads
-        .map(usize::from)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut rt = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut rt = tokio::runtime::Builder::new_multi_thread();
-        rt.worker_threads(threads);
-        rt
-    };
-    let rt = match rt.enable_all().build() {
+    // The main thread's event loop runs start-up, signals, ACME and reloads,
+    // and is the first of the workers that serve connections (server::Server
+    // starts the others, each with an event loop of its own).
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tcpfwd: error: cannot start the async runtime: {e}");

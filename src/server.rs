@@ -1,14 +1,19 @@
-//! The server: accept loops, the connection cap, and the drain at shutdown.
+//! The server: accept loops on every worker thread, the connection cap, and
+//! the drain at shutdown.
 //!
-//! An accept loop only accepts and spawns; everything slow happens in the
-//! connection's own task, so a slow client can never stall accepts.
+//! Each worker is a thread with its own single-threaded event loop (the main
+//! thread is the first) and an accept loop on every listening socket (a `dup`
+//! of it). A connection stays on the thread that accepted it: no work stealing
+//! and no wake-ups across threads on the per-connection path, as in nginx's
+//! worker processes. An accept loop only accepts and spawns; everything slow
+//! happens in the connection's own task, so a slow client never stalls accepts.
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -18,61 +23,148 @@ use crate::listener::Listener;
 /// Limits that apply to the whole server.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Connections open at once, over all maps.
+    /// Connections open at once, over all maps and workers.
     pub max_connections: usize,
     /// How long open connections may finish after the shutdown signal.
     pub shutdown_timeout: Duration,
+    /// Threads that accept and serve connections (at least one: the caller's).
+    pub workers: usize,
 }
 
-/// Accepts on every listener until `shutdown` resolves, then drains.
-pub async fn run(
-    listeners: Vec<Listener>,
+/// What every accept loop shares, on whichever thread it runs.
+#[derive(Clone)]
+struct Shared {
     ctx: Arc<Context>,
+    slots: Arc<Semaphore>,
+    /// Set at shutdown: stop accepting.
+    stop_accept: watch::Receiver<bool>,
+    /// Set when the drain times out: close what is still open.
+    force_close: watch::Receiver<bool>,
+}
+
+/// Accepting on every worker; `run_until` drains it.
+pub struct Server {
     limits: Limits,
-    shutdown: impl Future<Output = ()>,
-) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let (stop_accept_tx, stop_accept) = watch::channel(false);
-    let (force_close_tx, force_close) = watch::channel(false);
-    let mut accepting = JoinSet::new();
-    for l in listeners {
-        accepting.spawn(accept_loop(
-            l,
-            ctx.clone(),
-            slots.clone(),
-            stop_accept.clone(),
-            force_close.clone(),
-        ));
+    slots: Arc<Semaphore>,
+    stop_accept: watch::Sender<bool>,
+    force_close: watch::Sender<bool>,
+    /// Set once the drain is over: the other workers' event loops may end.
+    finished: watch::Sender<bool>,
+    /// Closed when every worker's accept loops have ended.
+    accepting: mpsc::Receiver<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts the other workers' threads and the accept loops of the calling
+    /// thread, the first worker (on its runtime). Errors here end start-up.
+    pub fn start(
+        listeners: Vec<Listener>,
+        ctx: Arc<Context>,
+        limits: Limits,
+    ) -> io::Result<Server> {
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let (stop_tx, stop_accept) = watch::channel(false);
+        let (force_tx, force_close) = watch::channel(false);
+        let (finished_tx, finished) = watch::channel(false);
+        // Each accept loop holds a sender; `recv` gives None once all are gone.
+        let (accepting_tx, accepting) = mpsc::channel::<()>(1);
+        let shared = Shared {
+            ctx,
+            slots: slots.clone(),
+            stop_accept,
+            force_close,
+        };
+
+        let mut threads = Vec::new();
+        for i in 1..limits.workers.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let dups = {
+                // Register the dups with the worker's event loop, not ours.
+                let _in_worker = rt.enter();
+                listeners
+                    .iter()
+                    .map(Listener::try_clone)
+                    .collect::<io::Result<Vec<_>>>()?
+            };
+            let shared = shared.clone();
+            let accepting_tx = accepting_tx.clone();
+            let mut finished = finished.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("tcpfwd-worker-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let mut loops = JoinSet::new();
+                        for l in dups {
+                            loops.spawn(accept_loop(l, shared.clone(), accepting_tx.clone()));
+                        }
+                        drop(accepting_tx);
+                        while loops.join_next().await.is_some() {}
+                        // This thread's connections run only while its event
+                        // loop does: keep it going until the drain is over.
+                        let _ = finished.wait_for(|f| *f).await;
+                    });
+                })?;
+            threads.push(thread);
+        }
+        for l in listeners {
+            tokio::spawn(accept_loop(l, shared.clone(), accepting_tx.clone()));
+        }
+        Ok(Server {
+            limits,
+            slots,
+            stop_accept: stop_tx,
+            force_close: force_tx,
+            finished: finished_tx,
+            accepting,
+            threads,
+        })
     }
 
-    shutdown.await;
-    let _ = stop_accept_tx.send(true);
-    // The listeners close as their loops end: no new connection after this.
-    while accepting.join_next().await.is_some() {}
+    /// Serves until `shutdown` resolves, then stops accepting and drains.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) {
+        shutdown.await;
+        let _ = self.stop_accept.send(true);
+        // The listeners close as the loops on every worker end: no new
+        // connection after this.
+        let _ = self.accepting.recv().await;
 
-    let max = limits.max_connections as u32;
-    let open = limits.max_connections - slots.available_permits();
-    if open > 0 {
-        tracing::info!(
-            open,
-            timeout_s = limits.shutdown_timeout.as_secs_f64(),
-            "shutting down: waiting for open connections to finish"
-        );
-    } else {
-        tracing::info!("shutting down: no open connections");
+        let limits = self.limits;
+        let slots = &self.slots;
+        let max = limits.max_connections as u32;
+        let open = limits.max_connections - slots.available_permits();
+        if open > 0 {
+            tracing::info!(
+                open,
+                timeout_s = limits.shutdown_timeout.as_secs_f64(),
+                "shutting down: waiting for open connections to finish"
+            );
+        } else {
+            tracing::info!("shutting down: no open connections");
+        }
+        let drained = tokio::time::timeout(limits.shutdown_timeout, slots.acquire_many(max)).await;
+        if drained.is_err() {
+            let left = limits.max_connections - slots.available_permits();
+            tracing::warn!(
+                left,
+                "shutdown timeout reached: closing the connections still open"
+            );
+            let _ = self.force_close.send(true);
+            // Give them a moment to write their log line.
+            let _ = tokio::time::timeout(Duration::from_secs(2), slots.acquire_many(max)).await;
+        }
+        let _ = self.finished.send(true);
+        let threads = std::mem::take(&mut self.threads);
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
+        tracing::info!("stopped");
     }
-    let drained = tokio::time::timeout(limits.shutdown_timeout, slots.acquire_many(max)).await;
-    if drained.is_err() {
-        let left = limits.max_connections - slots.available_permits();
-        tracing::warn!(
-            left,
-            "shutdown timeout reached: closing the connections still open"
-        );
-        let _ = force_close_tx.send(true);
-        // Give them a moment to write their log line.
-        let _ = tokio::time::timeout(Duration::from_secs(2), slots.acquire_many(max)).await;
-    }
-    tracing::info!("stopped");
 }
 
 /// Whether an accept error concerns only the one connection, not the listener.
@@ -85,13 +177,14 @@ fn is_connection_error(e: &io::Error) -> bool {
     ) || e.raw_os_error() == Some(libc::EPROTO)
 }
 
-async fn accept_loop(
-    l: Listener,
-    ctx: Arc<Context>,
-    slots: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-    force_close: watch::Receiver<bool>,
-) {
+/// Accepts on one listener until shutdown; `_accepting` is dropped when it ends.
+async fn accept_loop(l: Listener, shared: Shared, _accepting: mpsc::Sender<()>) {
+    let Shared {
+        ctx,
+        slots,
+        stop_accept: mut stop,
+        force_close,
+    } = shared;
     let mut backoff = Duration::ZERO;
     let mut refused: u64 = 0;
     let mut refused_logged = Instant::now() - Duration::from_secs(60);

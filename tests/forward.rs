@@ -640,3 +640,43 @@ async fn shutdown_timeout_closes_what_is_left() {
     assert_eq!(reason(&ev[0]), "shutdown");
     assert_eq!(ev[0]["bytes_up"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_on_every_worker_work_and_drain_at_shutdown() {
+    let pki = Pki::new();
+    let echo = backends::echo().await;
+    let mut fwd = start(
+        &pki,
+        &[map_to(echo)],
+        &["--threads", "4", "--shutdown-timeout", "30s"],
+    );
+    let mut open = Vec::new();
+    for i in 0..16u8 {
+        let mut s = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
+            .await
+            .unwrap();
+        s.write_all(&[i]).await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[0], i);
+        open.push(s);
+    }
+    fwd.signal(libc::SIGTERM);
+    fwd.wait_for_async(|e| msg(e).starts_with("shutting down"), 1, T)
+        .await;
+    // Whichever worker accepted it, every connection still works while draining...
+    for (i, s) in open.iter_mut().enumerate() {
+        s.write_all(&[i as u8 + 100]).await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[0], i as u8 + 100);
+    }
+    // ...and once they close, tcpfwd exits without waiting for the timeout.
+    drop(open);
+    let status = tokio::task::block_in_place(|| fwd.wait_exit(Duration::from_secs(10)))
+        .expect("exits once the last connection closed");
+    assert!(status.success(), "{status:?}");
+    let closed = fwd.closed();
+    assert_eq!(closed.len(), 16);
+    assert!(closed.iter().all(|e| reason(e) != "shutdown"), "{closed:?}");
+}
