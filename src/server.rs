@@ -177,8 +177,8 @@ fn is_connection_error(e: &io::Error) -> bool {
     ) || e.raw_os_error() == Some(libc::EPROTO)
 }
 
-/// Accepts on one listener until shutdown; `_accepting` is dropped when it ends.
-async fn accept_loop(l: Listener, shared: Shared, _accepting: mpsc::Sender<()>) {
+/// Accepts on one listener until shutdown, then closes it and drops `accepting`.
+async fn accept_loop(l: Listener, shared: Shared, accepting: mpsc::Sender<()>) {
     let Shared {
         ctx,
         slots,
@@ -241,4 +241,8 @@ async fn accept_loop(l: Listener, shared: Shared, _accepting: mpsc::Sender<()>) 
             }
         }
     }
+    // The socket first, then the sign that this loop is done: once every
+    // loop's sender is gone, no copy of any listening socket is open.
+    drop(l);
+    drop(accepting);
 }
