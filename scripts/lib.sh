@@ -14,7 +14,13 @@ need_debs() {
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     echo ">> installing Debian packages: ${missing[*]}"
-    as_root apt-get update -qq
+    # A fresh machine may still be running its own apt jobs: wait for the lock.
+    local i
+    for i in 1 2 3; do
+        as_root apt-get -o DPkg::Lock::Timeout=600 update -qq && break
+        [ "$i" -eq 3 ] && return 1
+        sleep 10
+    done
     # Packages that ship services must not start them (nginx, haproxy take ports).
     local rc=/usr/sbin/policy-rc.d had_rc=0
     [ -e "$rc" ] && had_rc=1
@@ -22,7 +28,7 @@ need_debs() {
         printf '#!/bin/sh\nexit 101\n' | as_root tee "$rc" >/dev/null
         as_root chmod 755 "$rc"
     fi
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
     [ $had_rc -eq 1 ] || as_root rm -f "$rc"
 }
 

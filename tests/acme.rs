@@ -481,8 +481,13 @@ async fn rate_limited_renewal_waits_as_told_and_says_when_the_certificate_expire
         .unwrap();
     assert!(expires.starts_with(&rfc3339), "{expires} vs {rfc3339}");
     let retry_in = failed["retry_in"].as_str().unwrap();
-    assert_eq!(retry_in, "8s", "{failed}");
-    assert_eq!(failed["retry_after"], "8s", "{failed}");
+    // Counted from the CA's answer to the log line: a stalled machine may
+    // have used a second of it.
+    assert!(["8s", "7s"].contains(&retry_in), "{failed}");
+    assert!(
+        ["8s", "7s"].contains(&failed["retry_after"].as_str().unwrap_or("")),
+        "{failed}"
+    );
 
     // The second order comes no sooner than the CA asked.
     fwd.wait_for(

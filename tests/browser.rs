@@ -62,15 +62,17 @@ async fn chromium_loads_the_dvr_page_and_plays_the_video() {
     assert!(stdout.contains("status=200"), "{stdout}");
     assert!(stdout.contains("title=DVR"), "{stdout}");
     assert!(stdout.contains("frames=300 bad=0"), "{stdout}\n{stderr}");
-    // The browser's connections went through both maps.
-    let closed = fwd.wait_for(
-        |e| msg(e) == "connection closed",
-        2,
-        Duration::from_secs(30),
-    );
-    let maps: Vec<&str> = closed.iter().map(|e| e["map"].as_str().unwrap()).collect();
-    assert!(
-        maps.iter().any(|m| m.ends_with(&video.to_string())),
-        "{maps:?}"
-    );
+    // The browser's connections went through both maps (each waited for by
+    // its map: Chromium may open and close spare connections to the page's).
+    for (name, backend) in [("page", web.to_string()), ("video", video.to_string())] {
+        let closed = fwd.wait_for(
+            move |e| {
+                msg(e) == "connection closed"
+                    && e["map"].as_str().is_some_and(|m| m.ends_with(&backend))
+            },
+            1,
+            Duration::from_secs(30),
+        );
+        assert!(!closed.is_empty(), "no connection through the {name} map");
+    }
 }

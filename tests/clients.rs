@@ -249,14 +249,24 @@ async fn backend_name_is_resolved_for_each_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_name_that_does_not_resolve_is_logged_per_connection() {
     let pki = Pki::new();
-    let fwd = start(&pki, "127.0.0.1:0:no-such-host.invalid:80", &[]);
+    // The lookup runs inside the connect timeout: give a slow resolver time
+    // to answer, so that the test sees its answer rather than the timeout.
+    let fwd = start(
+        &pki,
+        "127.0.0.1:0:no-such-host.invalid:80",
+        &["--connect-timeout", "60s"],
+    );
     let mut s = tls_connect(pki.client_config(), fwd.addr(0), "localhost")
         .await
         .unwrap();
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf).await;
     let ev = fwd
-        .wait_for_async(|e| msg(e) == "connection closed", 1, T)
+        .wait_for_async(
+            |e| msg(e) == "connection closed",
+            1,
+            Duration::from_secs(90),
+        )
         .await;
     assert_eq!(ev[0]["reason"], "backend unreachable");
     assert!(
@@ -283,6 +293,9 @@ async fn accept_under_a_tiny_open_files_limit_does_not_spin() {
         "json",
         "--handshake-timeout",
         "1m",
+        // Each worker logs its own first failure: fix the count.
+        "--threads",
+        "2",
     ])
     .args(["--map", &format!("127.0.0.1:0:{echo}")])
     .args(&c);

@@ -96,6 +96,15 @@ impl Drop for Proc {
     }
 }
 
+/// Waits until something accepts TCP connections on `addr`.
+fn wait_tcp(addr: SocketAddr, within: Duration) {
+    let deadline = Instant::now() + within;
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A Pebble CA whose TLS-ALPN-01 validations connect to 127.0.0.1:`tls_port`,
 /// with challtestsrv answering every name with 127.0.0.1 (and no AAAA).
 pub struct Pebble {
@@ -150,10 +159,11 @@ impl Pebble {
         let config = dir.join("pebble-config.json");
         std::fs::write(&config, cfg.to_string()).unwrap();
 
+        let chall_management = lo(free_port());
         let mut cmd = Command::new("pebble-challtestsrv");
         cmd.args([
             "-management",
-            &lo(free_port()).to_string(),
+            &chall_management.to_string(),
             "-dns01",
             &dns.to_string(),
             "-http01",
@@ -169,6 +179,8 @@ impl Pebble {
         ]);
         let mut chall = Proc::spawn(cmd);
         chall.wait_output("Starting management server", Duration::from_secs(20));
+        // It prints that before its goroutines bind.
+        wait_tcp(chall_management, Duration::from_secs(20));
         Pebble {
             dir,
             pki,
@@ -193,6 +205,9 @@ impl Pebble {
             .env("PEBBLE_AUTHZREUSE", "0");
         let mut p = Proc::spawn(cmd);
         p.wait_output("ACME directory available", Duration::from_secs(20));
+        // Pebble prints that before its listeners are bound.
+        wait_tcp(self.listen, Duration::from_secs(20));
+        wait_tcp(self.management, Duration::from_secs(20));
         self.pebble = Some(p);
     }
 
