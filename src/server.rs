@@ -78,36 +78,15 @@ impl Server {
 
         let mut threads = Vec::new();
         for i in 1..limits.workers.max(1) {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let dups = {
-                // Register the dups with the worker's event loop, not ours.
-                let _in_worker = rt.enter();
-                listeners
-                    .iter()
-                    .map(Listener::try_clone)
-                    .collect::<io::Result<Vec<_>>>()?
-            };
-            let shared = shared.clone();
-            let accepting_tx = accepting_tx.clone();
-            let mut finished = finished.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("tcpfwd-worker-{i}"))
-                .spawn(move || {
-                    rt.block_on(async move {
-                        let mut loops = JoinSet::new();
-                        for l in dups {
-                            loops.spawn(accept_loop(l, shared.clone(), accepting_tx.clone()));
-                        }
-                        drop(accepting_tx);
-                        while loops.join_next().await.is_some() {}
-                        // This thread's connections run only while its event
-                        // loop does: keep it going until the drain is over.
-                        let _ = finished.wait_for(|f| *f).await;
-                    });
-                })?;
-            threads.push(thread);
+            match start_worker(i, &listeners, &shared, &accepting_tx, &finished) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Let the workers already started end, then give up.
+                    let _ = stop_tx.send(true);
+                    let _ = finished_tx.send(true);
+                    return Err(e);
+                }
+            }
         }
         for l in listeners {
             tokio::spawn(accept_loop(l, shared.clone(), accepting_tx.clone()));
@@ -165,6 +144,46 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
         tracing::info!("stopped");
     }
+}
+
+/// Starts worker `i`: a thread with its own event loop and an accept loop on a
+/// `dup` of every listening socket.
+fn start_worker(
+    i: usize,
+    listeners: &[Listener],
+    shared: &Shared,
+    accepting_tx: &mpsc::Sender<()>,
+    finished: &watch::Receiver<bool>,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let dups = {
+        // Register the dups with the worker's event loop, not the caller's.
+        let _in_worker = rt.enter();
+        listeners
+            .iter()
+            .map(Listener::try_clone)
+            .collect::<io::Result<Vec<_>>>()?
+    };
+    let shared = shared.clone();
+    let accepting_tx = accepting_tx.clone();
+    let mut finished = finished.clone();
+    std::thread::Builder::new()
+        .name(format!("tcpfwd-worker-{i}"))
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut loops = JoinSet::new();
+                for l in dups {
+                    loops.spawn(accept_loop(l, shared.clone(), accepting_tx.clone()));
+                }
+                drop(accepting_tx);
+                while loops.join_next().await.is_some() {}
+                // This thread's connections run only while its event loop
+                // does: keep it going until the drain is over.
+                let _ = finished.wait_for(|f| *f).await;
+            });
+        })
 }
 
 /// Whether an accept error concerns only the one connection, not the listener.
