@@ -135,7 +135,7 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(2), slots.acquire_many(max)).await;
         }
         let _ = self.finished.send(true);
-        let threads = std::mem::take(&mut self.threads);
+        let threads = self.threads;
         let joined = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
