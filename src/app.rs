@@ -7,14 +7,15 @@ use anyhow::Context as _;
 
 use rustls::crypto::CryptoProvider;
 
-use crate::activation::{self, Passed};
 use crate::config::{CertSource, Config};
-use crate::forward::Context;
-use crate::listener::{self, Listener};
-use crate::notify::Notifier;
-use crate::reload::{Hangups, Reloader, Reloads, Status};
-use crate::server::{Limits, Server};
-use crate::{sys, tls};
+use crate::net::activation::{self, Passed};
+use crate::net::listener::{self, Listener};
+use crate::net::server::{Limits, Server};
+use crate::net::sys;
+use crate::proxy::forward::Context;
+use crate::service::notify::Notifier;
+use crate::service::reload::{Hangups, Reloader, Reloads, Status};
+use crate::tls;
 
 /// Everything built from the configuration before the first accept.
 pub struct Prepared {

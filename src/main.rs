@@ -3,9 +3,11 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use tcpfwd::cli::Cli;
+use tcpfwd::config::cli::Cli;
 use tcpfwd::config::Config;
-use tcpfwd::{activation, app, logging, notify, shutdown, tls};
+use tcpfwd::net::activation;
+use tcpfwd::service::{logging, notify, shutdown};
+use tcpfwd::{app, tls};
 
 /// Bad arguments, certificates or keys: the user must change something.
 const EXIT_USAGE: u8 = 2;

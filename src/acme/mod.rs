@@ -18,10 +18,12 @@ use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, Der, PrivateKeyDer};
 
+use crate::acme::state::StateDir;
 use crate::config::AcmeConfig;
-use crate::state::StateDir;
+use crate::tls::x509;
 use crate::tls::{self, CertResolver, TlsRouter};
-use crate::x509;
+
+pub mod state;
 
 mod client;
 mod http1;
@@ -303,7 +305,7 @@ pub fn prepare(
 pub fn stored_files(cfg: &AcmeConfig) -> (std::path::PathBuf, std::path::PathBuf) {
     let dir = cfg
         .state_dir
-        .join(crate::state::ca_dir_name(&cfg.directory));
+        .join(crate::acme::state::ca_dir_name(&cfg.directory));
     (dir.join(CERT_FILE), dir.join(KEY_FILE))
 }
 
@@ -1010,7 +1012,7 @@ mod tests {
 
     #[test]
     fn stored_certificate_info_and_ari_identifier() {
-        let leaf = crate::x509::tests::openssl_leaf();
+        let leaf = crate::tls::x509::tests::openssl_leaf();
         let info = CertInfo::from_leaf(&leaf).unwrap();
         assert_eq!(info.names, ["cams.example.org", "*.example.org"]);
         assert_eq!(

@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::forward::{self, Context};
-use crate::listener::Listener;
+use crate::net::listener::Listener;
+use crate::proxy::forward::{self, Context};
 
 /// Limits that apply to the whole server.
 #[derive(Debug, Clone, Copy)]

@@ -19,7 +19,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use socket2::{Domain, Socket, Type};
 
 use crate::config::MapSpec;
-use crate::listener::{self, Listener};
+use crate::net::listener::{self, Listener};
 
 /// The first passed descriptor (`SD_LISTEN_FDS_START`).
 const FIRST_FD: RawFd = 3;

@@ -3,12 +3,14 @@
 //! Everything here is parsed once, at the edge; the rest of the program never
 //! sees a string it has to interpret again.
 
+pub mod cli;
+
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use crate::cli::{CipherPreference, Cli};
+use crate::config::cli::{CipherPreference, Cli};
 
 /// One `--map`: where to listen and where to forward to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -104,13 +104,13 @@ pub fn from_std(map: MapSpec, socket: std::net::TcpListener) -> io::Result<Liste
     socket.set_nonblocking(true)?;
     // Linux copies TCP_NODELAY and the keepalive settings from a listener to
     // every socket it accepts: set once here, not per connection.
-    crate::forward::tune(socket2::SockRef::from(&socket));
+    crate::proxy::forward::tune(socket2::SockRef::from(&socket));
     // Accept a connection only once its ClientHello is in: one wake-up per
     // connection instead of one for the handshake's last ACK and another for
     // the hello (measured: 3-4 us less CPU per full handshake). A client that
     // sends nothing is handed over after about a second and then meets the
     // handshake timeout as before.
-    if let Err(e) = crate::sys::defer_accept(std::os::fd::AsFd::as_fd(&socket), 1) {
+    if let Err(e) = crate::net::sys::defer_accept(std::os::fd::AsFd::as_fd(&socket), 1) {
         tracing::debug!("TCP_DEFER_ACCEPT not set: {e}");
     }
     let local_addr = socket.local_addr()?;

@@ -9,7 +9,7 @@ use rustls::crypto::CryptoProvider;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::CertSource;
-use crate::notify::{self, Notifier};
+use crate::service::notify::{self, Notifier};
 use crate::tls::{self, CertResolver};
 
 /// What a reload did.

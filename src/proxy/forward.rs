@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 
 use crate::config::{BackendHost, MapSpec, Timeouts};
-use crate::splice::{self, Counted, Expired, Side, Stats};
+use crate::proxy::splice::{self, Counted, Expired, Side, Stats};
+use crate::tls::conn;
 use crate::tls::TlsRouter;
-use crate::tls_conn;
 
 /// What every connection shares: TLS and the limits.
 pub struct Context {
@@ -153,7 +153,7 @@ async fn run(
     // while it exists, instead of sizing every connection's task for the
     // largest state it ever passes through (7.5 KiB unboxed, measured).
     let handshake = Box::pin(async {
-        let hello = tls_conn::read_hello(tcp).await?;
+        let hello = conn::read_hello(tcp).await?;
         let client_hello = hello.client_hello();
         *sni = client_hello.server_name().map(str::to_owned);
         let (config, challenge) = ctx.tls.config_for(&client_hello);

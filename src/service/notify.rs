@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rustls::sign::CertifiedKey;
 
-use crate::x509::GeneralName;
+use crate::tls::x509::GeneralName;
 
 /// Where notifications go, read once from the environment at start.
 #[derive(Debug, Default)]
@@ -195,7 +195,7 @@ pub fn describe_cert(key: &CertifiedKey, by_names: bool, now_unix: i64) -> Strin
     let Some(der) = key.end_entity_cert().ok() else {
         return "no certificate".into();
     };
-    let Ok(cert) = crate::x509::parse(der.as_ref()) else {
+    let Ok(cert) = crate::tls::x509::parse(der.as_ref()) else {
         return "an unreadable certificate".into();
     };
     let subject = cert.subject().unwrap_or_default();
@@ -295,7 +295,7 @@ mod tests {
 
     #[test]
     fn certificates_are_described_by_subject_or_names() {
-        let leaf = certified(crate::x509::tests::openssl_leaf().to_vec());
+        let leaf = certified(crate::tls::x509::tests::openssl_leaf().to_vec());
         let not_after = 1_803_389_104;
         assert_eq!(
             describe_cert(&leaf, false, not_after - 41 * 86_400),

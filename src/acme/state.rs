@@ -100,7 +100,7 @@ impl StateDir {
                     lock_path.display()
                 )
             })?;
-        if !crate::sys::try_lock_exclusive(&lock)
+        if !crate::net::sys::try_lock_exclusive(&lock)
             .with_context(|| format!("cannot lock {}", lock_path.display()))?
         {
             let mut holder = String::new();

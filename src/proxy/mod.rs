@@ -1,0 +1,4 @@
+//! One connection, start to end: handshake, backend, splice, and its log line.
+
+pub mod forward;
+pub mod splice;

@@ -1,0 +1,125 @@
+//! TLS: the crypto provider and cipher order, and the server configuration.
+//! Certificates live in [`certs`], the per-handshake choice in [`resolver`],
+//! the rustls-driven client connection in [`conn`], X.509 reading in [`x509`].
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::ServerConfig;
+
+use crate::config::cli::CipherPreference;
+
+pub mod certs;
+pub mod conn;
+pub mod resolver;
+pub mod x509;
+
+pub use certs::{
+    certified_key_from_pem, load_files, self_signed, sha256_fingerprint, CertError, SelfSigned,
+};
+pub use resolver::{CertResolver, TlsRouter, ACME_TLS_ALPN};
+
+/// True when the CPU has AES instructions, so AES-GCM beats ChaCha20-Poly1305.
+pub fn cpu_has_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(target_arch = "arm")]
+    {
+        crate::net::sys::arm_hwcap2_has_aes()
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "arm")))]
+    {
+        false
+    }
+}
+
+/// Resolves `auto` against the CPU: true means ChaCha20-Poly1305 goes first.
+pub fn prefer_chacha(pref: CipherPreference) -> bool {
+    match pref {
+        CipherPreference::Aes => false,
+        CipherPreference::Chacha => true,
+        CipherPreference::Auto => !cpu_has_aes(),
+    }
+}
+
+/// The ring provider with its cipher suites in the server's order of preference.
+///
+/// TLS 1.3 suites come before TLS 1.2 ones; within each version AES-128-GCM
+/// (or ChaCha20-Poly1305, when preferred) leads.
+pub fn provider(chacha_first: bool) -> CryptoProvider {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let aes = [cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_AES_256_GCM_SHA384];
+    let chacha = [cs::TLS13_CHACHA20_POLY1305_SHA256];
+    let aes12 = [
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    ];
+    let chacha12 = [
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    let mut suites = Vec::new();
+    if chacha_first {
+        suites.extend(chacha);
+        suites.extend(aes);
+        suites.extend(chacha12);
+        suites.extend(aes12);
+    } else {
+        suites.extend(aes);
+        suites.extend(chacha);
+        suites.extend(aes12);
+        suites.extend(chacha12);
+    }
+    CryptoProvider {
+        cipher_suites: suites,
+        ..rustls::crypto::ring::default_provider()
+    }
+}
+
+/// The server configuration every ordinary handshake uses.
+pub fn server_config(
+    provider: Arc<CryptoProvider>,
+    resolver: Arc<CertResolver>,
+    alpn: Vec<Vec<u8>>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = alpn;
+    config.ignore_client_order = true;
+    // One resumption ticket per TLS 1.3 handshake instead of two: half the
+    // session-cache work; a client needs only one to resume.
+    config.send_tls13_tickets = 1;
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cipher_order_follows_preference() {
+        let names = |chacha| {
+            provider(chacha)
+                .cipher_suites
+                .iter()
+                .map(|s| format!("{:?}", s.suite()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(false)[0], "TLS13_AES_128_GCM_SHA256");
+        assert_eq!(names(true)[0], "TLS13_CHACHA20_POLY1305_SHA256");
+        assert_eq!(names(true).len(), names(false).len());
+    }
+}
