@@ -7,28 +7,114 @@ use anyhow::Context as _;
 
 use rustls::crypto::CryptoProvider;
 
+use crate::config::layer::Layer;
 use crate::config::{CertSource, Config};
 use crate::net::activation::{self, Passed};
 use crate::net::listener::{self, Listener};
 use crate::net::server::{Limits, Server};
 use crate::net::sys;
 use crate::proxy::forward::Context;
+use crate::proxy::routes::{FrontendHandle, RouteTable, TableBuilder};
 use crate::service::notify::Notifier;
 use crate::service::reload::{Hangups, Reloader, Reloads, Status};
 use crate::tls;
 
 /// Everything built from the configuration before the first accept.
 pub struct Prepared {
-    /// Listening sockets, one per map.
+    /// Listening sockets, one per frontend.
     pub listeners: Vec<Listener>,
     /// Shared per-connection context.
     pub ctx: Arc<Context>,
-    /// The provider the certificates were built with, for reloads.
-    pub provider: Arc<CryptoProvider>,
-    /// Serves the certificate in force; reloads swap it.
-    pub resolver: Arc<tls::CertResolver>,
+    /// What connections read, and reloads swap.
+    pub served: Served,
     /// The ACME task, started once the listeners are up (`run_with` starts it).
     pub acme: Option<crate::acme::Task>,
+}
+
+/// What connections read and reloads swap: route tables and certificates.
+pub struct Served {
+    /// The configuration in force.
+    pub config: Config,
+    /// The provider the certificates were built with.
+    pub provider: Arc<CryptoProvider>,
+    /// Serves the certificates in force.
+    pub resolver: Arc<tls::CertResolver>,
+    /// One per frontend, in the configuration's order.
+    pub frontends: Vec<Arc<FrontendHandle>>,
+}
+
+impl Served {
+    /// The frontends and routes for `STATUS=`: "ADDR -> BACKEND" per route.
+    pub fn status_maps(&self, listeners: &[std::net::SocketAddr]) -> Vec<String> {
+        let mut out = Vec::new();
+        for (f, addr) in self.frontends.iter().zip(listeners) {
+            for r in f.table().routes() {
+                match r.route.names.first() {
+                    None => out.push(format!("{addr} -> {}", r.route.backend)),
+                    Some(_) => out.push(format!("{addr} {} -> {}", r.label, r.route.backend)),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The certificates a configuration serves now (files, self-signed, or ACME's
+/// stored certificate or placeholder), and the ACME task when there is one.
+pub fn certificates(
+    config: &Config,
+    provider: &Arc<CryptoProvider>,
+) -> anyhow::Result<(tls::CertSet, Option<crate::acme::Task>)> {
+    match &config.cert {
+        CertSource::Files(pairs) => {
+            let set = tls::load_set(pairs, provider)?;
+            for p in pairs {
+                tracing::info!(cert = %p.cert.display(), "certificate loaded");
+            }
+            tracing::info!(
+                sha256 = %tls::sha256_fingerprint(set.first().end_entity_cert().map(|c| c.as_ref()).unwrap_or_default()),
+                certificates = set.len(),
+                "certificates loaded"
+            );
+            tls::check_covered(config, &set)?;
+            Ok((set, None))
+        }
+        CertSource::SelfSigned { extra_names } => {
+            let ss = tls::self_signed(&self_signed_names(config, extra_names), provider)?;
+            tracing::info!(
+                names = ?ss.names,
+                sha256 = %ss.fingerprint,
+                "serving a self-signed certificate made at start (use --cert/--key for a real one)"
+            );
+            Ok((tls::CertSet::single(ss.key), None))
+        }
+        CertSource::Acme(acme) => {
+            let (key, task) = crate::acme::prepare(acme, provider)?;
+            Ok((tls::CertSet::single(key), Some(task)))
+        }
+    }
+}
+
+/// The self-signed certificate's extra names: the given ones and every route's.
+pub fn self_signed_names(config: &Config, extra: &[String]) -> Vec<String> {
+    let mut names = extra.to_vec();
+    for n in config.route_names() {
+        let n = n.to_string();
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names
+}
+
+/// The route tables of every frontend, certificates from `resolver`.
+pub fn route_tables(
+    config: &Config,
+    provider: &Arc<CryptoProvider>,
+    resolver: &Arc<tls::CertResolver>,
+) -> anyhow::Result<Vec<RouteTable>> {
+    let mut builder = TableBuilder::new(provider.clone(), resolver.clone());
+    config.frontends.iter().map(|f| builder.table(f)).collect()
 }
 
 /// How often `STATUS=` is sent again, so that "expires in N days" stays true.
@@ -44,12 +130,12 @@ pub struct FromSystemd {
 }
 
 /// Loads certificates and opens the listeners; errors here end start-up.
-pub fn prepare(config: &Config) -> anyhow::Result<Prepared> {
+pub fn prepare(config: Config) -> anyhow::Result<Prepared> {
     prepare_with(config, None)
 }
 
 /// `prepare`, taking the listeners from `sockets` (socket activation) when given.
-pub fn prepare_with(config: &Config, sockets: Option<Vec<Passed>>) -> anyhow::Result<Prepared> {
+pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Result<Prepared> {
     match sys::raise_nofile_limit() {
         Ok((old, new)) if new > old => {
             tracing::debug!(old, new, "raised the open-files limit")
@@ -77,108 +163,101 @@ pub fn prepare_with(config: &Config, sockets: Option<Vec<Passed>>) -> anyhow::Re
     // Also the process default, for any client TLS (ACME) built later.
     let _ = provider.as_ref().clone().install_default();
 
-    let mut acme_task = None;
-    let key = match &config.cert {
-        CertSource::Files { cert, key } => {
-            let ck = tls::load_files(cert, key, &provider)?;
-            tracing::info!(
-                cert = %cert.display(),
-                sha256 = %ck.end_entity_cert().map(|c| tls::sha256_fingerprint(c)).unwrap_or_default(),
-                "certificate loaded"
-            );
-            ck
-        }
-        CertSource::SelfSigned { extra_names } => {
-            let ss = tls::self_signed(extra_names, &provider)?;
-            tracing::info!(
-                names = ?ss.names,
-                sha256 = %ss.fingerprint,
-                "serving a self-signed certificate made at start (use --cert/--key for a real one)"
-            );
-            ss.key
-        }
-        CertSource::Acme(acme) => {
-            let (key, task) = crate::acme::prepare(acme, &provider)?;
-            acme_task = Some(task);
-            key
-        }
-    };
-    let resolver = tls::CertResolver::new(key);
-    let server_config =
-        tls::server_config(provider.clone(), resolver.clone(), config.alpn.clone())?;
+    let (certs, acme_task) = certificates(&config, &provider)?;
+    let resolver = tls::CertResolver::with_set(certs);
+    let tables = route_tables(&config, &provider, &resolver)?;
+    let frontends: Vec<Arc<FrontendHandle>> = config
+        .frontends
+        .iter()
+        .zip(tables)
+        .map(|(f, t)| FrontendHandle::new(f.listen, t))
+        .collect();
     let ctx = Arc::new(Context {
-        tls: tls::TlsRouter::new(server_config),
-        timeouts: config.timeouts,
+        challenges: tls::TlsRouter::new(),
     });
 
     let listeners = match sockets {
-        Some(passed) => activation::listeners(&config.maps, passed)
+        Some(passed) => activation::listeners(&frontends, passed)
             .context("taking the sockets passed by systemd")?,
-        None => listener::bind_all(&config.maps).context("opening the listeners")?,
+        None => listener::bind_all(&frontends).context("opening the listeners")?,
     };
     for l in &listeners {
-        tracing::info!(map = %l.map, listen = %l.local_addr, backend = %l.map.backend, "listening");
+        let table = l.frontend.table();
+        let backend = match table.routes() {
+            [only] => only.route.backend.to_string(),
+            _ => String::new(),
+        };
+        let routes: Vec<&str> = table.routes().iter().map(|r| r.label.as_str()).collect();
+        tracing::info!(
+            map = %table.describe, listen = %l.local_addr, backend, routes = %routes.join(","),
+            "listening"
+        );
     }
     Ok(Prepared {
         listeners,
         ctx,
-        provider,
-        resolver,
+        served: Served {
+            config,
+            provider,
+            resolver,
+            frontends,
+        },
         acme: acme_task,
     })
 }
 
 /// Runs until `shutdown` resolves and open connections have drained.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    run_with(config, FromSystemd::default(), shutdown).await
+    run_with(config, Layer::default(), FromSystemd::default(), shutdown).await
 }
 
-/// `run` with what systemd handed over: its sockets, sd_notify, SIGHUP reloads.
+/// `run` with what systemd handed over (its sockets, sd_notify) and the
+/// command line's layer, merged again with the file on every SIGHUP reload.
 pub async fn run_with(
     config: Config,
+    cli: Layer,
     systemd: FromSystemd,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let hangups = Hangups::install().context("installing the SIGHUP handler")?;
-    let prepared = prepare_with(&config, systemd.sockets)?;
     let limits = Limits {
         max_connections: config.max_connections,
         shutdown_timeout: config.shutdown_timeout,
         workers: config.workers,
     };
+    let workers = config.workers;
+    let prepared = prepare_with(config, systemd.sockets)?;
     let notifier = systemd.notifier;
+    let addrs: Vec<std::net::SocketAddr> =
+        prepared.listeners.iter().map(|l| l.local_addr).collect();
     let status = Status::new(
         notifier.clone(),
-        prepared.resolver.clone(),
-        matches!(config.cert, CertSource::SelfSigned { .. }),
-        prepared
-            .listeners
-            .iter()
-            .map(|l| format!("{} -> {}", l.local_addr, l.map.backend))
-            .collect(),
+        prepared.served.resolver.clone(),
+        matches!(prepared.served.config.cert, CertSource::SelfSigned { .. }),
+        prepared.served.status_maps(&addrs),
     );
     // The listeners are up, so the CA's validation can reach them.
     if let Some(task) = prepared.acme {
         let status = status.clone();
         task.spawn(
-            prepared.resolver.clone(),
-            prepared.ctx.tls.clone(),
+            prepared.served.resolver.clone(),
+            prepared.ctx.challenges.clone(),
             Box::new(move || status.send()),
         );
     }
     let reloads = Reloads {
         hangups,
         reloader: Reloader {
-            source: config.cert.clone(),
-            provider: prepared.provider,
-            resolver: prepared.resolver,
+            cli,
+            served: prepared.served,
+            addrs,
         },
         notifier: notifier.clone(),
         status: status.clone(),
     };
     let server = Server::start(prepared.listeners, prepared.ctx, limits)
         .context("starting the worker threads")?;
-    tracing::info!(status = %status.line(), workers = config.workers, "ready");
+    tracing::info!(status = %status.line(), workers, "ready");
     status.ready();
     let reloading = tokio::spawn(reloads.run());
     let watchdog = tokio::spawn(notifier.clone().run_watchdog());
@@ -193,4 +272,86 @@ pub async fn run_with(
     server.run_until(shutdown).await;
     watchdog.abort();
     Ok(())
+}
+
+/// `tcpfwd check`: what a start would check (the configuration, certificate
+/// files and keys, route names covered, the ports free or passed by systemd)
+/// without serving. Returns one line per frontend, and a last line.
+pub fn check(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Result<Vec<String>> {
+    let provider = Arc::new(tls::provider(tls::prefer_chacha(config.cipher_preference)));
+    let (certs, what) = match &config.cert {
+        CertSource::Files(pairs) => {
+            let set = tls::load_set(pairs, &provider)?;
+            tls::check_covered(&config, &set)?;
+            (set, format!("{} certificate file pair(s)", pairs.len()))
+        }
+        CertSource::SelfSigned { extra_names } => {
+            let ss = tls::self_signed(&self_signed_names(&config, extra_names), &provider)?;
+            (
+                tls::CertSet::single(ss.key),
+                "a self-signed certificate".to_string(),
+            )
+        }
+        CertSource::Acme(acme) => {
+            // No lock and no order: a running tcpfwd may own the state dir.
+            let ss = tls::self_signed(&acme.domains, &provider)?;
+            (
+                tls::CertSet::single(ss.key),
+                format!(
+                    "ACME from {} for {}",
+                    acme.directory,
+                    acme.domains.join(", ")
+                ),
+            )
+        }
+    };
+    let resolver = tls::CertResolver::with_set(certs);
+    let tables = route_tables(&config, &provider, &resolver)?;
+    let frontends: Vec<Arc<FrontendHandle>> = config
+        .frontends
+        .iter()
+        .zip(tables)
+        .map(|(f, t)| FrontendHandle::new(f.listen, t))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("starting the async runtime")?;
+    let how = rt.block_on(async {
+        match sockets {
+            Some(passed) => activation::listeners(&frontends, passed)
+                .context("taking the sockets passed by systemd")
+                .map(|_| "socket from systemd"),
+            // Bound and closed again: the ports are free now.
+            None => listener::bind_all(&frontends)
+                .context("opening the listeners")
+                .map(|_| "port free"),
+        }
+    })?;
+    let mut lines = Vec::new();
+    for f in &frontends {
+        let table = f.table();
+        let routes: Vec<String> = table
+            .routes()
+            .iter()
+            .map(|r| {
+                let mut s = format!("{} -> {}", r.label, r.route.backend);
+                if let Some(p) = r.route.proxy_protocol {
+                    s.push_str(&format!(" (PROXY {p})"));
+                }
+                s
+            })
+            .collect();
+        lines.push(format!(
+            "frontend {} ({how}): {}",
+            f.listen,
+            routes.join(", ")
+        ));
+    }
+    lines.push(format!(
+        "configuration OK: {} frontend(s), {} route(s), {what}",
+        config.frontends.len(),
+        config.routes().count()
+    ));
+    Ok(lines)
 }

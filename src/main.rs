@@ -3,26 +3,50 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use tcpfwd::config::cli::Cli;
-use tcpfwd::config::Config;
+use tcpfwd::config::cli::{Cli, Command};
+use tcpfwd::config::{file, layer, Config};
 use tcpfwd::net::activation;
 use tcpfwd::service::{logging, notify, shutdown};
 use tcpfwd::{app, tls};
 
-/// Bad arguments, certificates or keys: the user must change something.
+/// Bad arguments, configuration, certificates or keys: the user must change something.
 const EXIT_USAGE: u8 = 2;
 /// Anything else that stops start-up.
 const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::from_cli(&cli) {
-        Ok(c) => c,
+    let args = cli.args();
+    let cli_layer = match args.to_layer() {
+        Ok(l) => l,
         Err(msg) => Cli::command()
             .error(clap::error::ErrorKind::ArgumentConflict, msg)
             .exit(),
     };
-    if let Err(msg) = logging::init(&cli.log_level, cli.log_format) {
+    // A file's errors name the file, line and column: they are not about
+    // the command line, so they do not take clap's usage form.
+    let file_layer = match &args.config {
+        None => None,
+        Some(path) => match file::load(path) {
+            Ok(l) => Some(l),
+            Err(msg) => {
+                eprintln!("tcpfwd: error: {msg}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    let from_file = file_layer.is_some();
+    let config: Config = match layer::build(file_layer, cli_layer.clone()) {
+        Ok(c) => c,
+        Err(msg) if from_file => {
+            eprintln!("tcpfwd: error: {msg}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(msg) => Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, msg)
+            .exit(),
+    };
+    if let Err(msg) = logging::init(&config.log.level, config.log.format) {
         eprintln!("tcpfwd: error: {msg}");
         return ExitCode::from(EXIT_USAGE);
     }
@@ -35,13 +59,27 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if matches!(cli.command, Some(Command::Check(_))) {
+        return match app::check(config, sockets) {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tcpfwd: error: {e:#}");
+                ExitCode::from(EXIT_USAGE)
+            }
+        };
+    }
     let systemd = app::FromSystemd {
         sockets,
         notifier: std::sync::Arc::new(notify::Notifier::from_env()),
     };
 
     // The main thread's event loop runs start-up, signals, ACME and reloads,
-    // and is the first of the workers that serve connections (server::Server
+    // and is the first of the workers that serve connections (net::server
     // starts the others, each with an event loop of its own).
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -55,7 +93,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         let signals = shutdown::Signals::install()?;
-        app::run_with(config, systemd, signals.recv()).await
+        app::run_with(config, cli_layer, systemd, signals.recv()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

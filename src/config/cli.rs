@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{Duration, MapSpec};
+use super::layer::{AcmeLayer, FrontendSpec, Layer, RouteSettings, RouteSpec};
+use super::{CertPair, Duration, MapSpec, Origin, ProxyProtocol, Secret};
 
 const ABOUT: &str = "A small, fast layer-4 TLS-terminating TCP forwarder.";
 
@@ -26,12 +27,25 @@ EXAMPLES:
     tcpfwd --map 443:dvr.lan:80 --map 7682:dvr.lan:7681 \\
            --cert /etc/tcpfwd/fullchain.pem --key /etc/tcpfwd/key.pem
 
+  Two devices behind one port, chosen by the name the browser asked for (SNI):
+    tcpfwd --map 443:dvr.lan:80 --map 443:nas.example.org=nas.lan:5000
+
 MAPS:
-  --map [LISTEN_ADDR:]LISTEN_PORT:BACKEND_HOST:BACKEND_PORT
+  --map [LISTEN_ADDR:]LISTEN_PORT:[NAMES=]BACKEND_HOST:BACKEND_PORT
   Without LISTEN_ADDR tcpfwd listens on every address, IPv4 and IPv6. IPv6
   addresses are written in brackets: --map [::1]:8443:[fd00::7]:80. A backend
   name is resolved again for every new connection, so a backend that changes
-  address (DHCP) is followed.
+  address (DHCP) is followed. Maps on the same address and port share it:
+  NAMES= (comma-separated; *.example.org matches one level) picks the route
+  by the server name the client asks for, and the map without NAMES is the
+  default for any other name or none. Without a default, other names are
+  refused with an unrecognized_name alert.
+
+CONFIG FILE:
+  --config FILE reads a TOML file that can say everything the command line
+  can, with frontends and per-route settings; the command line adds its maps
+  and overrides the file's top-level settings (see the README). Check a file
+  without serving with: tcpfwd check --config FILE
 
 CERTIFICATES:
   --cert/--key load a PEM chain and key (PKCS#8, PKCS#1 or SEC1; RSA, ECDSA or
@@ -53,9 +67,9 @@ ACME:
 DURATIONS are written like 500ms, 10s, 5m, 1h30m or 2d.
 
 SIGNALS:
-  SIGHUP reloads --cert/--key from disk: new handshakes get the new certificate,
-  open connections go on, and a pair that does not load leaves the old one
-  serving. SIGTERM or SIGINT stop accepting and give open connections
+  SIGHUP reloads --config and --cert/--key from disk: new connections get the
+  new routes and certificates, open connections go on, and a file or pair that
+  does not load leaves the old configuration serving. SIGTERM or SIGINT stop accepting and give open connections
   --shutdown-timeout to finish.
 
 SYSTEMD:
@@ -80,21 +94,59 @@ EXIT STATUS:
     about = ABOUT,
     long_about = LONG_ABOUT,
     after_long_help = AFTER_LONG_HELP,
-    max_term_width = 100
+    max_term_width = 100,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Serving options.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the configuration as a start would (files, keys, names, ports)
+    /// without serving; prints one line per frontend and exits 0, or 2 with
+    /// the problem.
+    Check(RunArgs),
+}
+
+impl Cli {
+    /// The options of a start or of `check`.
+    pub fn args(&self) -> &RunArgs {
+        match &self.command {
+            Some(Command::Check(a)) => a,
+            None => &self.run,
+        }
+    }
+}
+
+/// The options that say what to serve and how.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
     /// Forward TLS on a listening port to a plain backend port:
-    /// [LISTEN_ADDR:]LISTEN_PORT:BACKEND_HOST:BACKEND_PORT (repeatable).
-    #[arg(long = "map", value_name = "MAP", required = true)]
+    /// [LISTEN_ADDR:]LISTEN_PORT:[NAMES=]BACKEND_HOST:BACKEND_PORT (repeatable).
+    #[arg(long = "map", value_name = "MAP", required_unless_present = "config")]
     pub maps: Vec<MapSpec>,
 
-    /// PEM file with the certificate chain, leaf first.
-    #[arg(long, value_name = "FILE", requires = "key", env = "TCPFWD_CERT")]
-    pub cert: Option<PathBuf>,
+    /// TOML configuration file with frontends, routes and settings; re-read on
+    /// SIGHUP. The command line adds to it and overrides its top-level settings.
+    #[arg(long, value_name = "FILE", env = "TCPFWD_CONFIG")]
+    pub config: Option<PathBuf>,
 
-    /// PEM file with the private key for --cert.
+    /// PEM file with a certificate chain, leaf first (repeatable, each with its
+    /// --key: a handshake gets the certificate whose names cover its server name).
+    #[arg(long, value_name = "FILE", requires = "key", env = "TCPFWD_CERT")]
+    pub cert: Vec<PathBuf>,
+
+    /// PEM file with the private key for the --cert in the same position.
     #[arg(long, value_name = "FILE", requires = "cert", env = "TCPFWD_KEY")]
-    pub key: Option<PathBuf>,
+    pub key: Vec<PathBuf>,
 
     /// Extra DNS name (or IP address) for the self-signed certificate (repeatable).
     #[arg(
@@ -111,17 +163,17 @@ pub struct Cli {
 
     /// Which AEAD the server prefers when the client offers both. `auto` picks
     /// AES-GCM where the CPU accelerates AES and ChaCha20-Poly1305 elsewhere
-    /// (a Raspberry Pi 4, for example).
-    #[arg(long, value_enum, default_value_t = CipherPreference::Auto, value_name = "WHICH")]
-    pub cipher_preference: CipherPreference,
+    /// (a Raspberry Pi 4, for example). [default: auto]
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub cipher_preference: Option<CipherPreference>,
 
-    /// Time allowed for the TLS handshake.
-    #[arg(long, default_value = "10s", value_name = "DURATION")]
-    pub handshake_timeout: Duration,
+    /// Time allowed for the TLS handshake. [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub handshake_timeout: Option<Duration>,
 
-    /// Time allowed to connect to the backend.
-    #[arg(long, default_value = "5s", value_name = "DURATION")]
-    pub connect_timeout: Duration,
+    /// Time allowed to connect to the backend. [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub connect_timeout: Option<Duration>,
 
     /// Close a connection after this long with no data either way. Off by
     /// default, so that long, quiet streams are never cut.
@@ -129,18 +181,24 @@ pub struct Cli {
     pub idle_timeout: Option<Duration>,
 
     /// Once one side has closed its half, close the other direction after this
-    /// long with no data moving. Every byte starts the window again.
-    #[arg(long, default_value = "60s", value_name = "DURATION")]
-    pub close_timeout: Duration,
+    /// long with no data moving. Every byte starts the window again. [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub close_timeout: Option<Duration>,
 
-    /// Time open connections get to finish after SIGTERM or SIGINT.
-    #[arg(long, default_value = "30s", value_name = "DURATION")]
-    pub shutdown_timeout: Duration,
+    /// Send a PROXY protocol header (v1 or v2) to every backend first, so that
+    /// it sees the client's address. Off by default.
+    #[arg(long, value_name = "VERSION")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+
+    /// Time open connections get to finish after SIGTERM or SIGINT. [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_timeout: Option<Duration>,
 
     /// Most connections open at once, over all maps; more are refused at once.
-    #[arg(long, default_value_t = 1024, value_name = "N",
+    /// [default: 1024]
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub max_connections: u32,
+    pub max_connections: Option<u32>,
 
     /// Worker threads (default: one per CPU). Each runs its own event loop and
     /// accepts on every listening socket; a connection stays on the thread that
@@ -150,17 +208,18 @@ pub struct Cli {
 
     /// Log level: error, warn, info, debug or trace. RUST_LOG, when set,
     /// takes precedence: a level, or TARGET=LEVEL pairs such as warn,tcpfwd=debug.
-    #[arg(long, default_value = "info", value_name = "LEVEL")]
-    pub log_level: String,
+    /// [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
 
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
-    pub log_format: LogFormat,
+    /// Log format. [default: text]
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 
     /// Get the certificate from an ACME CA (Let's Encrypt by default) for this
     /// DNS name, proven over TLS-ALPN-01 on tcpfwd's own port (repeatable; all
-    /// names go on one certificate). Using it means agreeing to the CA's terms
-    /// of service, whose address is logged.
+    /// names, and every route's, go on one certificate). Using it means
+    /// agreeing to the CA's terms of service, whose address is logged.
     #[arg(
         long = "acme-domain",
         value_name = "NAME",
@@ -169,30 +228,25 @@ pub struct Cli {
     pub acme_domains: Vec<String>,
 
     /// Contact address given to the CA (for expiry warnings from the CA).
-    #[arg(long, value_name = "EMAIL", requires = "acme_domains")]
+    #[arg(long, value_name = "EMAIL")]
     pub acme_email: Option<String>,
 
     /// ACME directory URL [default: Let's Encrypt production].
-    #[arg(
-        long,
-        value_name = "URL",
-        requires = "acme_domains",
-        conflicts_with = "acme_staging"
-    )]
+    #[arg(long, value_name = "URL", conflicts_with = "acme_staging")]
     pub acme_directory: Option<String>,
 
     /// Use Let's Encrypt's staging CA: untrusted certificates, generous rate
     /// limits. Try it first.
-    #[arg(long, requires = "acme_domains")]
+    #[arg(long)]
     pub acme_staging: bool,
 
     /// PEM file with the root certificate to trust for the ACME directory's own
     /// HTTPS, instead of the system's roots (private CAs, Pebble).
-    #[arg(long, value_name = "FILE", requires = "acme_domains")]
+    #[arg(long, value_name = "FILE")]
     pub acme_ca_root: Option<PathBuf>,
 
     /// Key identifier for external account binding (CAs such as ZeroSSL).
-    #[arg(long, value_name = "KID", requires_all = ["acme_domains", "acme_eab_hmac_key"])]
+    #[arg(long, value_name = "KID", requires = "acme_eab_hmac_key")]
     pub acme_eab_kid: Option<String>,
 
     /// HMAC key for external account binding, base64url as the CA shows it.
@@ -211,21 +265,88 @@ pub struct Cli {
     pub state_dir: Option<PathBuf>,
 }
 
-/// A secret from the command line: usable, but never shown by `Debug`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_owned()))
+impl RunArgs {
+    /// What the command line said, as a layer to merge with the file's.
+    pub fn to_layer(&self) -> Result<Layer, String> {
+        if self.cert.len() != self.key.len() {
+            return Err(format!(
+                "{} --cert but {} --key: give each certificate its key, in the same order",
+                self.cert.len(),
+                self.key.len()
+            ));
+        }
+        let acme_only = [
+            (self.acme_email.is_some(), "--acme-email"),
+            (self.acme_directory.is_some(), "--acme-directory"),
+            (self.acme_staging, "--acme-staging"),
+            (self.acme_ca_root.is_some(), "--acme-ca-root"),
+            (self.acme_eab_kid.is_some(), "--acme-eab-kid"),
+        ];
+        if self.acme_domains.is_empty() && self.config.is_none() {
+            if let Some((_, flag)) = acme_only.iter().find(|(set, _)| *set) {
+                return Err(format!(
+                    "{flag} needs --acme-domain (or an [acme] table in --config)"
+                ));
+            }
+        }
+        let frontends = self
+            .maps
+            .iter()
+            .map(|m| {
+                let origin = Origin::Map(m.to_string());
+                FrontendSpec {
+                    listen: m.listen,
+                    settings: RouteSettings::default(),
+                    routes: vec![RouteSpec {
+                        names: m.names.clone(),
+                        default: false,
+                        backend: m.backend.clone(),
+                        settings: RouteSettings::default(),
+                        origin: origin.clone(),
+                    }],
+                    origin,
+                }
+            })
+            .collect();
+        Ok(Layer {
+            frontends,
+            defaults: RouteSettings {
+                handshake_timeout: self.handshake_timeout,
+                connect_timeout: self.connect_timeout,
+                idle_timeout: self.idle_timeout.map(Some),
+                close_timeout: self.close_timeout,
+                proxy_protocol: self.proxy_protocol.map(Some),
+                alpn: (!self.alpn.is_empty()).then(|| self.alpn.clone()),
+            },
+            certs: self
+                .cert
+                .iter()
+                .zip(&self.key)
+                .map(|(cert, key)| CertPair {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
+                .collect(),
+            self_signed_names: self.self_signed_names.clone(),
+            acme: AcmeLayer {
+                enabled: !self.acme_domains.is_empty(),
+                domains: self.acme_domains.clone(),
+                email: self.acme_email.clone(),
+                directory: self.acme_directory.clone(),
+                staging: self.acme_staging.then_some(true),
+                ca_root: self.acme_ca_root.clone(),
+                eab_kid: self.acme_eab_kid.clone(),
+                eab_hmac_key: self.acme_eab_hmac_key.clone(),
+            },
+            state_dir: self.state_dir.clone(),
+            cipher_preference: self.cipher_preference.map(Into::into),
+            shutdown_timeout: self.shutdown_timeout,
+            max_connections: self.max_connections,
+            threads: self.threads,
+            log_level: self.log_level.clone(),
+            log_format: self.log_format.map(Into::into),
+            file: None,
+        })
     }
 }
 
@@ -238,6 +359,15 @@ pub enum LogFormat {
     Json,
 }
 
+impl From<LogFormat> for super::LogFormat {
+    fn from(f: LogFormat) -> Self {
+        match f {
+            LogFormat::Text => super::LogFormat::Text,
+            LogFormat::Json => super::LogFormat::Json,
+        }
+    }
+}
+
 /// Server-side preference between the two AEAD families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CipherPreference {
@@ -247,6 +377,16 @@ pub enum CipherPreference {
     Aes,
     /// ChaCha20-Poly1305 first.
     Chacha,
+}
+
+impl From<CipherPreference> for super::CipherPreference {
+    fn from(p: CipherPreference) -> Self {
+        match p {
+            CipherPreference::Auto => super::CipherPreference::Auto,
+            CipherPreference::Aes => super::CipherPreference::Aes,
+            CipherPreference::Chacha => super::CipherPreference::Chacha,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -287,6 +427,61 @@ mod tests {
         ])
         .unwrap();
         assert!(!format!("{cli:?}").contains("sekrit"));
-        assert!(Cli::try_parse_from(["tcpfwd", "--map", "443:a:80", "--acme-staging"]).is_err());
+        let cli = Cli::try_parse_from(["tcpfwd", "--map", "443:a:80", "--acme-staging"]).unwrap();
+        let e = cli.args().to_layer().unwrap_err();
+        assert!(e.contains("--acme-staging needs --acme-domain"), "{e}");
+    }
+
+    #[test]
+    fn check_takes_the_same_options() {
+        let cli = Cli::try_parse_from(["tcpfwd", "check", "--map", "443:a:80"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Check(_))));
+        assert_eq!(cli.args().maps.len(), 1);
+        assert!(Cli::try_parse_from(["tcpfwd"]).is_err());
+        let cli = Cli::try_parse_from(["tcpfwd", "--config", "f.toml"]).unwrap();
+        assert!(cli.args().maps.is_empty());
+    }
+
+    #[test]
+    fn acme_names_are_checked_and_the_secret_hidden() {
+        use crate::config::{layer, CertSource, LETS_ENCRYPT_STAGING};
+        let cfg = |extra: &[&str]| {
+            let mut args = vec!["tcpfwd", "--map", "443:a:80"];
+            args.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(args).unwrap();
+            layer::build(None, cli.args().to_layer()?)
+        };
+        let c = cfg(&[
+            "--acme-domain",
+            "Cams.Example.org.",
+            "--acme-domain",
+            "cams.example.org",
+            "--acme-staging",
+            "--acme-eab-kid",
+            "k",
+            "--acme-eab-hmac-key",
+            "c2VrcmV0LWtleQ",
+            "--state-dir",
+            "/tmp/x",
+        ])
+        .unwrap();
+        let CertSource::Acme(a) = &c.cert else {
+            panic!("{c:?}")
+        };
+        assert_eq!(a.domains, ["cams.example.org"]);
+        assert_eq!(a.directory, LETS_ENCRYPT_STAGING);
+        assert_eq!(a.eab.as_ref().unwrap().hmac_key.0, b"sekret-key");
+        assert!(!format!("{c:?}").contains("sekret"));
+        for (bad, why) in [
+            ("*.example.org", "wildcard"),
+            ("10.0.0.1", "IP address"),
+            ("dvr", "fully qualified"),
+            ("a..b", "fully qualified"),
+        ] {
+            let e = cfg(&["--acme-domain", bad]).unwrap_err();
+            assert!(e.contains(&format!("'{bad}'")) && e.contains(why), "{e}");
+        }
+        let e = cfg(&["--acme-domain", "a.org", "--acme-directory", "http://x/dir"]).unwrap_err();
+        assert!(e.contains("https://"), "{e}");
     }
 }

@@ -15,11 +15,13 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use socket2::{Domain, Socket, Type};
 
-use crate::config::MapSpec;
+use crate::config::Listen;
 use crate::net::listener::{self, Listener};
+use crate::proxy::routes::FrontendHandle;
 
 /// The first passed descriptor (`SD_LISTEN_FDS_START`).
 const FIRST_FD: RawFd = 3;
@@ -207,7 +209,20 @@ fn name_port(name: &Option<String>) -> Option<u16> {
     n.parse::<u16>().ok().filter(|p| *p != 0)
 }
 
-fn maps_list(maps: &[MapSpec]) -> String {
+/// A frontend as socket matching sees it: its address, and how messages name it.
+#[derive(Debug, Clone)]
+struct Wanted {
+    listen: Listen,
+    text: String,
+}
+
+impl fmt::Display for Wanted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+fn maps_list(maps: &[Wanted]) -> String {
     maps.iter()
         .map(|m| format!("'{m}'"))
         .collect::<Vec<_>>()
@@ -216,7 +231,7 @@ fn maps_list(maps: &[MapSpec]) -> String {
 
 /// For each passed socket (name, local address), the index of its map.
 fn assign(
-    maps: &[MapSpec],
+    maps: &[Wanted],
     sockets: &[(RawFd, Option<String>, SocketAddr)],
 ) -> Result<Vec<usize>, ActivationError> {
     let mut chosen = Vec::with_capacity(sockets.len());
@@ -280,24 +295,36 @@ fn assign(
     Ok(chosen)
 }
 
-/// Gives every passed socket to its map; errors if any socket or map is left over.
-pub fn listeners(maps: &[MapSpec], passed: Vec<Passed>) -> anyhow::Result<Vec<Listener>> {
+/// Gives every passed socket to its frontend; errors if any socket or frontend is left over.
+pub fn listeners(
+    frontends: &[Arc<FrontendHandle>],
+    passed: Vec<Passed>,
+) -> anyhow::Result<Vec<Listener>> {
+    let maps: Vec<Wanted> = frontends
+        .iter()
+        .map(|f| Wanted {
+            listen: f.listen,
+            text: f.table().describe.clone(),
+        })
+        .collect();
     let facts: Vec<_> = passed
         .iter()
         .map(|p| (p.fd, p.name.clone(), p.local))
         .collect();
-    let chosen = assign(maps, &facts)?;
+    let chosen = assign(&maps, &facts)?;
     let mut out = Vec::with_capacity(passed.len());
     for (p, idx) in passed.into_iter().zip(chosen) {
         let map = &maps[idx];
         tracing::info!(socket = %p.describe(), map = %map, "using the socket passed by systemd");
         let std_listener: std::net::TcpListener = p.socket.into();
         // from_std sets the socket non-blocking before tokio takes it.
-        out.push(listener::from_std(map.clone(), std_listener).map_err(|e| {
-            ActivationError(format!(
-                "cannot use the socket from systemd for map '{map}': {e}"
-            ))
-        })?);
+        out.push(
+            listener::from_std(frontends[idx].clone(), std_listener).map_err(|e| {
+                ActivationError(format!(
+                    "cannot use the socket from systemd for map '{map}': {e}"
+                ))
+            })?,
+        );
     }
     Ok(out)
 }
@@ -306,8 +333,17 @@ pub fn listeners(maps: &[MapSpec], passed: Vec<Passed>) -> anyhow::Result<Vec<Li
 mod tests {
     use super::*;
 
-    fn maps(specs: &[&str]) -> Vec<MapSpec> {
-        specs.iter().map(|s| s.parse().unwrap()).collect()
+    fn maps(specs: &[&str]) -> Vec<Wanted> {
+        specs
+            .iter()
+            .map(|s| {
+                let m: crate::config::MapSpec = s.parse().unwrap();
+                Wanted {
+                    listen: m.listen,
+                    text: m.to_string(),
+                }
+            })
+            .collect()
     }
 
     fn sock(fd: RawFd, name: Option<&str>, addr: &str) -> (RawFd, Option<String>, SocketAddr) {

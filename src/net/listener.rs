@@ -1,4 +1,4 @@
-//! Listening sockets: one per map, bound here (later also taken from systemd).
+//! Listening sockets: one per frontend, bound here or taken from systemd.
 
 use std::fmt;
 use std::io;
@@ -8,13 +8,14 @@ use std::sync::Arc;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
-use crate::config::MapSpec;
+use crate::config::Listen;
+use crate::proxy::routes::FrontendHandle;
 
-/// A map with its listening socket, ready to accept.
+/// A frontend with its listening socket, ready to accept.
 #[derive(Debug)]
 pub struct Listener {
     /// What this socket serves.
-    pub map: Arc<MapSpec>,
+    pub frontend: Arc<FrontendHandle>,
     /// The socket.
     pub socket: TcpListener,
     /// The address actually bound (port filled in when the map asked for 0).
@@ -27,7 +28,7 @@ impl Listener {
     pub fn try_clone(&self) -> io::Result<Listener> {
         let dup = socket2::SockRef::from(&self.socket).try_clone()?;
         Ok(Listener {
-            map: self.map.clone(),
+            frontend: self.frontend.clone(),
             socket: TcpListener::from_std(dup.into())?,
             local_addr: self.local_addr,
         })
@@ -60,7 +61,7 @@ fn bind_one(addr: SocketAddr, dual_stack: bool) -> io::Result<std::net::TcpListe
     Ok(socket.into())
 }
 
-fn explain(map: &MapSpec, addr: SocketAddr, e: &io::Error) -> BindError {
+fn explain(what: &str, addr: SocketAddr, e: &io::Error) -> BindError {
     let hint = match e.kind() {
         io::ErrorKind::AddrInUse => {
             "another program (perhaps another tcpfwd) already listens there: stop it or choose another port".to_string()
@@ -74,33 +75,40 @@ fn explain(map: &MapSpec, addr: SocketAddr, e: &io::Error) -> BindError {
         _ => "check the map's listen address and port".to_string(),
     };
     BindError(format!(
-        "cannot listen on {addr} for map '{map}': {e}; {hint}"
+        "cannot listen on {addr} for map '{what}': {e}; {hint}"
     ))
 }
 
-/// Binds a map's socket. A map without an address gets one dual-stack socket
-/// on `[::]`, or `0.0.0.0` where the host has no IPv6.
-pub fn bind(map: &MapSpec) -> Result<std::net::TcpListener, BindError> {
-    let addr = map.listen.bind_addr();
-    match bind_one(addr, map.listen.addr.is_none()) {
+/// Binds a frontend's socket (`what` names it in errors). A frontend without
+/// an address gets one dual-stack socket on `[::]`, or `0.0.0.0` where the
+/// host has no IPv6.
+pub fn bind(listen: &Listen, what: &str) -> Result<std::net::TcpListener, BindError> {
+    let addr = listen.bind_addr();
+    match bind_one(addr, listen.addr.is_none()) {
         Ok(l) => Ok(l),
         Err(e)
-            if map.listen.addr.is_none()
+            if listen.addr.is_none()
                 && matches!(
                     e.raw_os_error(),
                     Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
                 ) =>
         {
-            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), map.listen.port);
-            tracing::warn!(map = %map, "no IPv6 on this host ({e}); listening on IPv4 only");
-            bind_one(v4, false).map_err(|e| explain(map, v4, &e))
+            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), listen.port);
+            tracing::warn!(
+                map = what,
+                "no IPv6 on this host ({e}); listening on IPv4 only"
+            );
+            bind_one(v4, false).map_err(|e| explain(what, v4, &e))
         }
-        Err(e) => Err(explain(map, addr, &e)),
+        Err(e) => Err(explain(what, addr, &e)),
     }
 }
 
 /// Turns a bound (or inherited) non-blocking std socket into a `Listener`.
-pub fn from_std(map: MapSpec, socket: std::net::TcpListener) -> io::Result<Listener> {
+pub fn from_std(
+    frontend: Arc<FrontendHandle>,
+    socket: std::net::TcpListener,
+) -> io::Result<Listener> {
     socket.set_nonblocking(true)?;
     // Linux copies TCP_NODELAY and the keepalive settings from a listener to
     // every socket it accepts: set once here, not per connection.
@@ -115,18 +123,18 @@ pub fn from_std(map: MapSpec, socket: std::net::TcpListener) -> io::Result<Liste
     }
     let local_addr = socket.local_addr()?;
     Ok(Listener {
-        map: Arc::new(map),
+        frontend,
         socket: TcpListener::from_std(socket)?,
         local_addr,
     })
 }
 
-/// Binds every map; the first failure stops start-up.
-pub fn bind_all(maps: &[MapSpec]) -> anyhow::Result<Vec<Listener>> {
-    let mut out = Vec::with_capacity(maps.len());
-    for map in maps {
-        let socket = bind(map)?;
-        out.push(from_std(map.clone(), socket)?);
+/// Binds every frontend; the first failure stops start-up.
+pub fn bind_all(frontends: &[Arc<FrontendHandle>]) -> anyhow::Result<Vec<Listener>> {
+    let mut out = Vec::with_capacity(frontends.len());
+    for f in frontends {
+        let socket = bind(&f.listen, &f.table().describe)?;
+        out.push(from_std(f.clone(), socket)?);
     }
     Ok(out)
 }

@@ -226,7 +226,7 @@ async fn accept_loop(l: Listener, shared: Shared, accepting: mpsc::Sender<()>) {
                 // EMFILE, ENFILE, ENOBUFS: the pending connection stays queued,
                 // so retrying at once would spin. Back off, up to a second.
                 if backoff.is_zero() {
-                    tracing::warn!(listen = %l.local_addr, map = %l.map, "accept failed: {e}; backing off");
+                    tracing::warn!(listen = %l.local_addr, "accept failed: {e}; backing off");
                 }
                 backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                 tokio::select! {
@@ -238,11 +238,11 @@ async fn accept_loop(l: Listener, shared: Shared, accepting: mpsc::Sender<()>) {
         };
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                let map = l.map.clone();
+                let frontend = l.frontend.clone();
                 let ctx = ctx.clone();
                 let force_close = force_close.clone();
                 tokio::spawn(async move {
-                    forward::serve(tcp, peer, map, ctx, force_close).await;
+                    forward::serve(tcp, peer, frontend, ctx, force_close).await;
                     drop(permit);
                 });
             }
@@ -251,7 +251,7 @@ async fn accept_loop(l: Listener, shared: Shared, accepting: mpsc::Sender<()>) {
                 refused += 1;
                 if refused_logged.elapsed() >= Duration::from_secs(1) {
                     tracing::warn!(
-                        %peer, map = %l.map, refused,
+                        %peer, listen = %l.local_addr, refused,
                         "connection refused: --max-connections reached"
                     );
                     refused = 0;

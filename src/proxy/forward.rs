@@ -9,19 +9,30 @@ use std::time::Duration;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{timeout, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::config::{BackendHost, MapSpec, Timeouts};
+use crate::config::{Backend, BackendHost};
+use crate::proxy::routes::{ActiveRoute, FrontendHandle};
 use crate::proxy::splice::{self, Counted, Expired, Side, Stats};
 use crate::tls::conn;
 use crate::tls::TlsRouter;
 
-/// What every connection shares: TLS and the limits.
+/// What every connection shares, whatever its frontend.
 pub struct Context {
-    /// Picks the TLS configuration for each ClientHello.
-    pub tls: Arc<TlsRouter>,
-    /// Per-connection time limits.
-    pub timeouts: Timeouts,
+    /// Answers ACME's TLS-ALPN-01 validations before any route is chosen.
+    pub challenges: Arc<TlsRouter>,
+}
+
+/// What a connection learnt on its way, for its log line.
+#[derive(Default)]
+struct Seen {
+    sni: Option<String>,
+    route: Option<Arc<ActiveRoute>>,
+    /// The frontend as described, when no route was picked.
+    frontend: Option<String>,
+    tls_version: Option<String>,
+    cipher: Option<String>,
+    kx: Option<String>,
 }
 
 /// How a connection ended, for its log event.
@@ -33,6 +44,8 @@ enum End {
     HandshakeFailed(io::Error),
     /// The connection only answered an ACME TLS-ALPN-01 validation.
     AcmeChallenge,
+    /// No route for the server name, and no default route.
+    NoRoute,
     ConnectTimeout,
     BackendUnreachable(String),
     Expired(Expired),
@@ -50,6 +63,7 @@ impl End {
             End::HandshakeTimeout => "handshake timeout",
             End::HandshakeFailed(_) => "handshake failed",
             End::AcmeChallenge => "acme challenge answered",
+            End::NoRoute => "unknown server name",
             End::ConnectTimeout => "backend connect timeout",
             End::BackendUnreachable(_) => "backend unreachable",
             End::Expired(Expired::Idle) => "idle timeout",
@@ -82,16 +96,16 @@ pub fn tune(socket: SockRef<'_>) {
 
 /// Resolves the backend anew (names follow DHCP changes) and connects to the
 /// first address that answers.
-async fn connect_backend(map: &MapSpec) -> Result<TcpStream, String> {
-    let port = map.backend.port;
-    let addrs: Vec<SocketAddr> = match &map.backend.host {
+async fn connect_backend(backend: &Backend) -> Result<TcpStream, String> {
+    let port = backend.port;
+    let addrs: Vec<SocketAddr> = match &backend.host {
         BackendHost::Ip(ip) => vec![SocketAddr::new(*ip, port)],
         BackendHost::Name(name) => tokio::net::lookup_host((name.as_str(), port))
             .await
             .map_err(|e| format!("cannot resolve {name}: {e}"))?
             .collect(),
     };
-    let mut last = format!("{} resolved to no address", map.backend);
+    let mut last = format!("{backend} resolved to no address");
     for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(s) => return Ok(s),
@@ -105,15 +119,15 @@ async fn connect_backend(map: &MapSpec) -> Result<TcpStream, String> {
 pub async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
-    map: Arc<MapSpec>,
+    frontend: Arc<FrontendHandle>,
     ctx: Arc<Context>,
     mut stop: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
     let stats = Stats::new();
-    let mut sni = None;
+    let mut seen = Seen::default();
     let end = tokio::select! {
-        end = run(tcp, &map, &ctx, &stats, &mut sni) => end,
+        end = run(tcp, &frontend, &ctx, &stats, &mut seen) => end,
         _ = stop.wait_for(|s| *s) => End::Shutdown,
     };
     let (up, down) = stats.bytes();
@@ -121,60 +135,122 @@ pub async fn serve(
     let detail = end.detail().or_else(|| stats.error_text());
     let no_close_notify = stats.client_skipped_close_notify();
     let reason = end.reason();
-    let sni = sni.as_deref().unwrap_or("");
+    let sni = seen.sni.as_deref().unwrap_or("");
+    let (map, route, backend) = match &seen.route {
+        Some(r) => (r.map.clone(), r.label.as_str(), r.route.backend.to_string()),
+        None => (
+            seen.frontend
+                .take()
+                .unwrap_or_else(|| frontend.table().describe.clone()),
+            "",
+            String::new(),
+        ),
+    };
+    let tls_version = seen.tls_version.as_deref().unwrap_or("");
+    let cipher = seen.cipher.as_deref().unwrap_or("");
+    let kx = seen.kx.as_deref().unwrap_or("");
     match &end {
         // Scanners make handshake failures routine on the internet: info, not warn.
         End::Closed(_)
         | End::Expired(_)
         | End::AcmeChallenge
+        | End::NoRoute
         | End::HandshakeFailed(_)
         | End::HandshakeTimeout => tracing::info!(
-            %peer, map = %map, sni, bytes_up = up, bytes_down = down, duration_ms = ms,
-            reason, client_close_notify = !no_close_notify, detail = detail.as_deref().unwrap_or(""),
+            %peer, map, route, sni, backend, bytes_up = up, bytes_down = down, duration_ms = ms,
+            reason, client_close_notify = !no_close_notify, tls_version, cipher, kx,
+            detail = detail.as_deref().unwrap_or(""),
             "connection closed"
         ),
         _ => tracing::warn!(
-            %peer, map = %map, sni, bytes_up = up, bytes_down = down, duration_ms = ms,
-            reason, client_close_notify = !no_close_notify, detail = detail.as_deref().unwrap_or(""),
+            %peer, map, route, sni, backend, bytes_up = up, bytes_down = down, duration_ms = ms,
+            reason, client_close_notify = !no_close_notify, tls_version, cipher, kx,
+            detail = detail.as_deref().unwrap_or(""),
             "connection closed"
         ),
     }
 }
 
+/// "TLSv1_3" as people write it: "TLSv1.3".
+fn version_text(v: rustls::ProtocolVersion) -> String {
+    format!("{v:?}").replace('_', ".")
+}
+
 async fn run(
     tcp: TcpStream,
-    map: &MapSpec,
+    frontend: &FrontendHandle,
     ctx: &Context,
     stats: &Arc<Stats>,
-    sni: &mut Option<String>,
+    seen: &mut Seen,
 ) -> End {
+    let started = Instant::now();
     // The handshake and the backend connect are boxed, and so is the TLS
     // connection: their state (several KiB in rustls) is on the heap only
     // while it exists, instead of sizing every connection's task for the
     // largest state it ever passes through (7.5 KiB unboxed, measured).
-    let handshake = Box::pin(async {
-        let hello = conn::read_hello(tcp).await?;
-        let client_hello = hello.client_hello();
-        *sni = client_hello.server_name().map(str::to_owned);
-        let (config, challenge) = ctx.tls.config_for(&client_hello);
-        let stream = Box::new(hello.handshake(config).await?);
-        Ok::<_, io::Error>((stream, challenge))
+    // The route table is taken once, when the ClientHello is in: the
+    // connection keeps that route whatever a reload does later.
+    let mut table = None;
+    let hello = Box::pin(async {
+        let t = table.insert(frontend.table());
+        timeout(t.hello_timeout, conn::read_hello(tcp)).await
     });
-    let mut client = match timeout(ctx.timeouts.handshake, handshake).await {
+    let hello = match hello.await {
         Err(_) => return End::HandshakeTimeout,
         Ok(Err(e)) => return End::HandshakeFailed(e),
-        Ok(Ok((stream, true))) => {
-            let mut stream = stream;
-            let _ = timeout(
-                Duration::from_secs(2),
-                tokio::io::AsyncWriteExt::shutdown(&mut stream),
-            )
-            .await;
-            return End::AcmeChallenge;
-        }
-        Ok(Ok((stream, false))) => stream,
+        Ok(Ok(h)) => h,
     };
-    let end = match timeout(ctx.timeouts.connect, Box::pin(connect_backend(map))).await {
+    let Some(table) = table else {
+        return End::HandshakeTimeout;
+    };
+    let (config, route) = {
+        let client_hello = hello.client_hello();
+        seen.sni = client_hello.server_name().map(str::to_owned);
+        match ctx.challenges.challenge_for(&client_hello) {
+            Some(config) => (config, None),
+            None => match table.pick(seen.sni.as_deref()) {
+                Some(route) => (route.tls.clone(), Some(route.clone())),
+                None => {
+                    seen.frontend = Some(table.describe.clone());
+                    let _ = timeout(Duration::from_secs(1), hello.refuse_unrecognized_name()).await;
+                    return End::NoRoute;
+                }
+            },
+        }
+    };
+    seen.route = route.clone();
+    // The route's handshake limit counts from the accept, the hello included.
+    let limit = route
+        .as_ref()
+        .map_or(table.hello_timeout, |r| r.route.timeouts.handshake);
+    let mut client = match timeout_at(started + limit, Box::pin(hello.handshake(config))).await {
+        Err(_) => return End::HandshakeTimeout,
+        Ok(Err(e)) => return End::HandshakeFailed(e),
+        Ok(Ok(stream)) => Box::new(stream),
+    };
+    let Some(route) = route else {
+        let _ = timeout(
+            Duration::from_secs(2),
+            tokio::io::AsyncWriteExt::shutdown(&mut client),
+        )
+        .await;
+        return End::AcmeChallenge;
+    };
+    let session = client.session();
+    seen.tls_version = session.protocol_version().map(version_text);
+    seen.cipher = session
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()));
+    seen.kx = session
+        .negotiated_key_exchange_group()
+        .map(|g| format!("{:?}", g.name()));
+    let timeouts = &route.route.timeouts;
+    let end = match timeout(
+        timeouts.connect,
+        Box::pin(connect_backend(&route.route.backend)),
+    )
+    .await
+    {
         Err(_) => End::ConnectTimeout,
         Ok(Err(e)) => End::BackendUnreachable(e),
         Ok(Ok(b)) => {
@@ -187,7 +263,7 @@ async fn run(
                     Ok(_) => End::Closed(stats.first_closed().unwrap_or(Side::Client)),
                     Err(e) => End::Failed(stats.error_text().unwrap_or_else(|| e.to_string())),
                 },
-                why = splice::watchdog(stats, ctx.timeouts.idle, ctx.timeouts.close) => End::Expired(why),
+                why = splice::watchdog(stats, timeouts.idle, timeouts.close) => End::Expired(why),
             }
         }
     };

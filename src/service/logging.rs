@@ -7,7 +7,7 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::cli::LogFormat;
+use crate::config::LogFormat;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`.
 ///

@@ -1,69 +1,155 @@
-//! SIGHUP: re-read the certificate from where it came from; a bad one leaves the old one serving.
+//! SIGHUP: re-read the configuration file and the certificates; whatever
+//! does not load leaves the running configuration serving.
 //!
-//! Open connections keep the certificate they were made with; every handshake
-//! after a successful reload gets the new one.
+//! A reload builds new route tables and certificates off to the side and then
+//! swaps them in: open connections keep the route and certificate they were
+//! made with, every connection after the swap gets the new ones.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use rustls::crypto::CryptoProvider;
+use anyhow::{bail, Context as _};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::config::CertSource;
+use crate::app::{self, Served};
+use crate::config::layer::{self, Layer};
+use crate::config::{file, CertSource, Config};
 use crate::service::notify::{self, Notifier};
-use crate::tls::{self, CertResolver};
+use crate::tls::{self, CertResolver, CertSet};
 
 /// What a reload did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// A new certificate serves from now on; its SHA-256.
-    Replaced(String),
+    /// New certificates (the first one's SHA-256) and, with a file, new routes.
+    Replaced {
+        /// SHA-256 of the first certificate, when certificates were re-read.
+        sha256: Option<String>,
+        /// Whether the file was read again.
+        config: bool,
+    },
     /// Nothing to re-read; the reason, for the log.
     Nothing(&'static str),
 }
 
-/// Re-reads the certificate source into the resolver.
-///
-/// The hook for every source: a new source (ACME's stored certificate) adds its
-/// arm to [`Reloader::reload`].
+/// Re-reads the configuration and certificates into what connections read.
 pub struct Reloader {
-    /// Where the certificate comes from.
-    pub source: CertSource,
-    /// For building the new key.
-    pub provider: Arc<CryptoProvider>,
-    /// What handshakes are served from.
-    pub resolver: Arc<CertResolver>,
+    /// What the command line said, merged again with the file.
+    pub cli: Layer,
+    /// What is served now.
+    pub served: Served,
+    /// The listening addresses, one per frontend, for the status line.
+    pub addrs: Vec<SocketAddr>,
 }
 
 impl Reloader {
-    /// Loads the certificate again and swaps it in. On error the old one stays.
-    pub fn reload(&self) -> anyhow::Result<Outcome> {
-        match &self.source {
-            CertSource::Files { cert, key } => self.swap_in(cert, key),
-            CertSource::SelfSigned { .. } => Ok(Outcome::Nothing(
+    /// Loads everything again and swaps it in. On error nothing changes.
+    pub fn reload(&mut self) -> anyhow::Result<Outcome> {
+        let new = match &self.served.config.file {
+            Some(path) => {
+                let layer = file::load(path).map_err(anyhow::Error::msg)?;
+                layer::build(Some(layer), self.cli.clone()).map_err(anyhow::Error::msg)?
+            }
+            None => self.served.config.clone(),
+        };
+        let from_file = new.file.is_some();
+        self.check_unchanged(&new)?;
+        let certs = self.certificates(&new)?;
+        if !from_file && certs.is_none() {
+            return Ok(Outcome::Nothing(
                 "the self-signed certificate made at start stays (give --cert/--key to reload from files)",
-            )),
+            ));
+        }
+        if matches!(new.cert, CertSource::Acme(_)) && certs.is_none() && !from_file {
+            return Ok(Outcome::Nothing(
+                "no ACME certificate stored yet; the placeholder serves until the CA issues one",
+            ));
+        }
+        // Build everything before swapping anything in.
+        let resolver = &self.served.resolver;
+        let tables = app::route_tables(&new, &self.served.provider, resolver)?;
+        let sha256 = certs.as_ref().map(|set| {
+            set.first()
+                .end_entity_cert()
+                .map(|c| tls::sha256_fingerprint(c))
+                .unwrap_or_default()
+        });
+        if let Some(set) = certs {
+            resolver.set_all(set);
+        }
+        for (handle, table) in self.served.frontends.iter().zip(tables) {
+            handle.store(table);
+        }
+        self.served.config = new;
+        Ok(Outcome::Replaced {
+            sha256,
+            config: from_file,
+        })
+    }
+
+    /// What a reload cannot change while tcpfwd runs (for now).
+    fn check_unchanged(&self, new: &Config) -> anyhow::Result<()> {
+        let old = &self.served.config;
+        let listens = |c: &Config| c.frontends.iter().map(|f| f.listen).collect::<Vec<_>>();
+        if listens(old) != listens(new) {
+            bail!(
+                "the frontends' listening addresses changed; adding or removing a frontend needs a restart"
+            );
+        }
+        let kind = |c: &CertSource| std::mem::discriminant(c);
+        if kind(&old.cert) != kind(&new.cert) {
+            bail!(
+                "the certificate source changed (files, self-signed or ACME); that needs a restart"
+            );
+        }
+        if let (CertSource::Acme(a), CertSource::Acme(b)) = (&old.cert, &new.cert) {
+            if a != b {
+                bail!("the ACME settings or names changed; that needs a restart");
+            }
+        }
+        Ok(())
+    }
+
+    /// The certificates to serve after the reload; `None` keeps those in force.
+    fn certificates(&self, new: &Config) -> anyhow::Result<Option<CertSet>> {
+        let provider = &self.served.provider;
+        match &new.cert {
+            CertSource::Files(pairs) => {
+                let set = tls::load_set(pairs, provider)?;
+                tls::check_covered(new, &set)?;
+                Ok(Some(set))
+            }
+            CertSource::SelfSigned { extra_names } => {
+                let old = &self.served.config;
+                let names = |c: &Config, extra: &[String]| app::self_signed_names(c, extra);
+                let CertSource::SelfSigned {
+                    extra_names: old_extra,
+                } = &old.cert
+                else {
+                    return Ok(None);
+                };
+                if names(old, old_extra) == names(new, extra_names) {
+                    return Ok(None);
+                }
+                let ss = tls::self_signed(&names(new, extra_names), provider)?;
+                tracing::info!(
+                    names = ?ss.names, sha256 = %ss.fingerprint,
+                    "new self-signed certificate for the routes' names"
+                );
+                Ok(Some(CertSet::single(ss.key)))
+            }
             CertSource::Acme(cfg) => {
                 // Re-read what the ACME task stored (after a restore from a
                 // backup, say). The state dir is already locked by this process.
                 let (cert, key) = crate::acme::stored_files(cfg);
                 if !cert.exists() {
-                    return Ok(Outcome::Nothing(
-                        "no ACME certificate stored yet; the placeholder serves until the CA issues one",
-                    ));
+                    return Ok(None);
                 }
-                self.swap_in(&cert, &key)
+                let ck = tls::load_files(&cert, &key, provider).with_context(|| {
+                    format!("re-reading the stored ACME certificate {}", cert.display())
+                })?;
+                Ok(Some(CertSet::single(ck)))
             }
         }
-    }
-
-    fn swap_in(&self, cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Outcome> {
-        let ck = tls::load_files(cert, key, &self.provider)?;
-        let sha256 = ck
-            .end_entity_cert()
-            .map(|c| tls::sha256_fingerprint(c))
-            .unwrap_or_default();
-        self.resolver.set(ck);
-        Ok(Outcome::Replaced(sha256))
     }
 }
 
@@ -91,7 +177,7 @@ struct StatusInner {
     notifier: Arc<Notifier>,
     resolver: Arc<CertResolver>,
     self_signed: bool,
-    maps: Vec<String>,
+    maps: Mutex<Vec<String>>,
     /// Why the last reload failed, until one succeeds.
     reload_error: Mutex<Option<String>>,
 }
@@ -109,7 +195,7 @@ impl Status {
                 notifier,
                 resolver,
                 self_signed,
-                maps,
+                maps: Mutex::new(maps),
                 reload_error: Mutex::new(None),
             }),
         }
@@ -118,7 +204,8 @@ impl Status {
     /// The current line.
     pub fn line(&self) -> String {
         let i = &self.inner;
-        let line = notify::status_line(&i.maps, &i.resolver.current(), i.self_signed);
+        let maps = i.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let line = notify::status_line(&maps, &i.resolver.current(), i.self_signed);
         match &*i.reload_error.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(e) => format!("{line} (last reload failed: {e})"),
             None => line,
@@ -133,6 +220,10 @@ impl Status {
     /// Sends `READY=1` with the current line.
     pub fn ready(&self) {
         self.inner.notifier.ready(&self.line());
+    }
+
+    fn set_maps(&self, maps: Vec<String>) {
+        *self.inner.maps.lock().unwrap_or_else(|e| e.into_inner()) = maps;
     }
 
     fn set_reload_error(&self, e: Option<String>) {
@@ -175,13 +266,28 @@ impl Reloads {
             self.notifier.reloading();
             tracing::info!(signal = "SIGHUP", "reload requested");
             match self.reloader.reload() {
-                Ok(Outcome::Replaced(sha256)) => {
-                    tracing::info!(%sha256, "certificate reloaded; new handshakes get it");
+                Ok(Outcome::Replaced { sha256, config }) => {
+                    if config {
+                        let served = &self.reloader.served;
+                        let routes: usize =
+                            served.config.frontends.iter().map(|f| f.routes.len()).sum();
+                        tracing::info!(
+                            file = %served.config.file.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                            frontends = served.config.frontends.len(),
+                            routes,
+                            "configuration reloaded; new connections get it"
+                        );
+                        self.status
+                            .set_maps(served.status_maps(&self.reloader.addrs));
+                    }
+                    if let Some(sha256) = sha256 {
+                        tracing::info!(%sha256, "certificate reloaded; new handshakes get it");
+                    }
                     self.status.set_reload_error(None);
                 }
                 Ok(Outcome::Nothing(why)) => tracing::info!("nothing to reload: {why}"),
                 Err(e) => {
-                    tracing::error!("reload failed, still serving the previous certificate: {e:#}");
+                    tracing::error!("reload failed, still serving the previous configuration and certificate: {e:#}");
                     self.status.set_reload_error(Some(format!("{e:#}")));
                 }
             }

@@ -8,6 +8,9 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::config::{CertPair, Config};
+use crate::tls::CertSet;
+
 /// A certificate or key that cannot be used; the message names the file and the fix.
 #[derive(Debug)]
 pub struct CertError(pub String);
@@ -126,6 +129,51 @@ pub fn sha256_fingerprint(der: &[u8]) -> String {
         .map(|b| format!("{b:02X}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// Loads every `--cert`/`--key` pair, each with the DNS names of its leaf.
+pub fn load_set(pairs: &[CertPair], provider: &CryptoProvider) -> Result<CertSet, CertError> {
+    let mut certs = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        let ck = load_files(&p.cert, &p.key, provider)?;
+        let names = leaf_dns_names(&ck).map_err(|why| {
+            CertError(format!(
+                "cannot read the names in --cert {}: {why}",
+                p.cert.display()
+            ))
+        })?;
+        certs.push((ck, names));
+    }
+    CertSet::by_names(certs).ok_or_else(|| CertError("no certificate given".into()))
+}
+
+/// The DNS names (subjectAltName) of a certificate's leaf, lower case.
+pub fn leaf_dns_names(ck: &CertifiedKey) -> Result<Vec<String>, String> {
+    let leaf = ck
+        .end_entity_cert()
+        .map_err(|e| format!("no leaf certificate ({e})"))?;
+    crate::tls::x509::parse(leaf.as_ref())
+        .and_then(|c| c.dns_names())
+        .map_err(|e| e.to_string())
+}
+
+/// Checks that some certificate covers every route's name, so that no
+/// route serves a certificate the browser rejects.
+pub fn check_covered(config: &Config, set: &CertSet) -> Result<(), CertError> {
+    for (frontend, route) in config.routes() {
+        for name in &route.names {
+            let name = name.to_string();
+            if !set.covers(&name) {
+                return Err(CertError(format!(
+                    "route '{name}' on {} ({}) is covered by no certificate: add a --cert/--key pair (or [[cert]]) whose names include {name}{}",
+                    frontend.listen,
+                    route.origin,
+                    if name.starts_with("*.") { " (a wildcard route needs a wildcard certificate)" } else { "" }
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -71,6 +71,18 @@ impl Hello {
         self.accepted.client_hello()
     }
 
+    /// Refuses the connection with a fatal `unrecognized_name` alert (no
+    /// route serves the name asked for) and closes it.
+    pub async fn refuse_unrecognized_name(self) {
+        // A plaintext alert record: type 21, TLS 1.2 record version, length 2,
+        // level fatal (2), description unrecognized_name (112). rustls has no
+        // call to send an arbitrary alert before a configuration is chosen.
+        const ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];
+        let Hello { mut tcp, .. } = self;
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, &ALERT).await;
+        let _ = SockRef::from(&tcp).shutdown(std::net::Shutdown::Write);
+    }
+
     /// Completes the handshake with `config`.
     pub async fn handshake(self, config: Arc<ServerConfig>) -> io::Result<TlsConn> {
         let Hello { accepted, mut tcp } = self;
@@ -103,6 +115,11 @@ pub struct TlsConn {
 }
 
 impl TlsConn {
+    /// The negotiated session, for what the log line and PROXY header report.
+    pub fn session(&self) -> &ServerConnection {
+        &self.conn
+    }
+
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.conn.is_handshaking() {
             ready!(self.poll_drain(cx, 0))?;

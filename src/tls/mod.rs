@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use rustls::server::ServerConfig;
 
-use crate::config::cli::CipherPreference;
+use crate::config::CipherPreference;
 
 pub mod certs;
 pub mod conn;
@@ -15,9 +15,10 @@ pub mod resolver;
 pub mod x509;
 
 pub use certs::{
-    certified_key_from_pem, load_files, self_signed, sha256_fingerprint, CertError, SelfSigned,
+    certified_key_from_pem, check_covered, load_files, load_set, self_signed, sha256_fingerprint,
+    CertError, SelfSigned,
 };
-pub use resolver::{CertResolver, TlsRouter, ACME_TLS_ALPN};
+pub use resolver::{CertResolver, CertSet, TlsRouter, ACME_TLS_ALPN};
 
 /// True when the CPU has AES instructions, so AES-GCM beats ChaCha20-Poly1305.
 pub fn cpu_has_aes() -> bool {

@@ -4,82 +4,168 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use arc_swap::ArcSwap;
+
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig};
 use rustls::sign::CertifiedKey;
 
-/// Serves whatever certificate was last set; ACME and reloads swap it.
+/// Certificates with the names each covers; a handshake gets the one whose
+/// names cover its server name, the first when none does.
+#[derive(Debug)]
+pub struct CertSet {
+    certs: Vec<(Arc<CertifiedKey>, Vec<String>)>,
+}
+
+impl CertSet {
+    /// One certificate for every handshake.
+    pub fn single(key: CertifiedKey) -> CertSet {
+        CertSet {
+            certs: vec![(Arc::new(key), Vec::new())],
+        }
+    }
+
+    /// Several, each chosen by the DNS names in its leaf (lower case). The
+    /// first is also the one for names no certificate covers.
+    pub fn by_names(certs: Vec<(CertifiedKey, Vec<String>)>) -> Option<CertSet> {
+        if certs.is_empty() {
+            return None;
+        }
+        Some(CertSet {
+            certs: certs.into_iter().map(|(k, n)| (Arc::new(k), n)).collect(),
+        })
+    }
+
+    /// The certificate for a server name.
+    pub fn for_name(&self, sni: Option<&str>) -> &Arc<CertifiedKey> {
+        let first = &self.certs[0].0;
+        if self.certs.len() == 1 {
+            return first;
+        }
+        let Some(name) = sni.map(|n| n.trim_end_matches('.').to_ascii_lowercase()) else {
+            return first;
+        };
+        let wildcard = name
+            .split_once('.')
+            .map(|(_, parent)| format!("*.{parent}"));
+        self.certs
+            .iter()
+            .find(|(_, names)| names.contains(&name))
+            .or_else(|| {
+                let w = wildcard.as_ref()?;
+                self.certs.iter().find(|(_, names)| names.contains(w))
+            })
+            .map_or(first, |(k, _)| k)
+    }
+
+    /// Whether some certificate names `name` (a route's name: exact, or
+    /// `*.suffix` for a wildcard route, which only a wildcard certificate covers).
+    pub fn covers(&self, name: &str) -> bool {
+        let wildcard = match name.strip_prefix("*.") {
+            Some(_) => None,
+            None => name
+                .split_once('.')
+                .map(|(_, parent)| format!("*.{parent}")),
+        };
+        self.certs.iter().any(|(_, names)| {
+            names
+                .iter()
+                .any(|n| n == name || Some(n) == wildcard.as_ref())
+        })
+    }
+
+    /// The first certificate (the only one, for ACME and self-signed).
+    pub fn first(&self) -> &Arc<CertifiedKey> {
+        &self.certs[0].0
+    }
+
+    /// How many certificates.
+    pub fn len(&self) -> usize {
+        self.certs.len()
+    }
+
+    /// Never true: a set has at least one certificate.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Serves whatever certificates were last set; ACME and reloads swap them.
 #[derive(Debug)]
 pub struct CertResolver {
-    current: RwLock<Arc<CertifiedKey>>,
+    current: ArcSwap<CertSet>,
 }
 
 impl CertResolver {
-    /// A resolver serving `key`.
+    /// A resolver serving `key` to every handshake.
     pub fn new(key: CertifiedKey) -> Arc<Self> {
+        Self::with_set(CertSet::single(key))
+    }
+
+    /// A resolver serving `set`.
+    pub fn with_set(set: CertSet) -> Arc<Self> {
         Arc::new(CertResolver {
-            current: RwLock::new(Arc::new(key)),
+            current: ArcSwap::from_pointee(set),
         })
     }
 
     /// Makes `key` the certificate for every handshake from now on.
     pub fn set(&self, key: CertifiedKey) {
-        let key = Arc::new(key);
-        // A poisoned lock only means a writer panicked mid-swap of an Arc,
-        // which cannot leave it half-written: keep going with the value.
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = key;
+        self.current.store(Arc::new(CertSet::single(key)));
     }
 
-    /// The certificate in force.
+    /// Makes `set` the certificates for every handshake from now on.
+    pub fn set_all(&self, set: CertSet) {
+        self.current.store(Arc::new(set));
+    }
+
+    /// The first certificate in force (the only one unless several pairs are given).
     pub fn current(&self) -> Arc<CertifiedKey> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.load().first().clone()
+    }
+
+    /// The certificates in force.
+    pub fn set_in_force(&self) -> Arc<CertSet> {
+        self.current.load_full()
     }
 }
 
 impl ResolvesServerCert for CertResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load().for_name(hello.server_name()).clone())
     }
 }
 
 /// The ALPN protocol of ACME's TLS-ALPN-01 validation (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
-/// Chooses the configuration for each ClientHello: the normal one, or, for an
-/// ACME validation of a name with a pending challenge, that challenge's.
-#[derive(Debug)]
+/// Answers ACME's TLS-ALPN-01 validations: a ClientHello offering
+/// `acme-tls/1` for a name with a pending challenge gets that challenge's
+/// configuration, on any frontend, before any route is chosen.
+#[derive(Debug, Default)]
 pub struct TlsRouter {
-    normal: Arc<ServerConfig>,
     /// Challenge configurations by lower-case name; written by ACME only.
     challenges: RwLock<HashMap<String, Arc<ServerConfig>>>,
 }
 
 impl TlsRouter {
-    /// A router that serves `normal` until a challenge is added.
-    pub fn new(normal: Arc<ServerConfig>) -> Arc<Self> {
-        Arc::new(TlsRouter {
-            normal,
-            challenges: RwLock::new(HashMap::new()),
-        })
+    /// A router with no challenge pending.
+    pub fn new() -> Arc<Self> {
+        Arc::new(TlsRouter::default())
     }
 
-    /// The configuration for this ClientHello, and whether it is an ACME validation.
-    pub fn config_for(&self, hello: &ClientHello<'_>) -> (Arc<ServerConfig>, bool) {
+    /// The challenge configuration for this ClientHello, if it is an ACME
+    /// validation of a name with a pending challenge.
+    pub fn challenge_for(&self, hello: &ClientHello<'_>) -> Option<Arc<ServerConfig>> {
         let offers_acme = hello
             .alpn()
             .is_some_and(|mut protos| protos.any(|p| p == ACME_TLS_ALPN));
-        if offers_acme {
-            if let Some(name) = hello.server_name() {
-                let map = self.challenges.read().unwrap_or_else(|e| e.into_inner());
-                if let Some(cfg) = map.get(&name.to_ascii_lowercase()) {
-                    return (cfg.clone(), true);
-                }
-            }
+        if !offers_acme {
+            return None;
         }
-        (self.normal.clone(), false)
+        let name = hello.server_name()?;
+        let map = self.challenges.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&name.to_ascii_lowercase()).cloned()
     }
 
     /// Answers TLS-ALPN-01 for `name` with `key` (a certificate carrying the acmeIdentifier).
@@ -104,5 +190,51 @@ impl TlsRouter {
     pub fn remove_challenge(&self, name: &str) {
         let mut map = self.challenges.write().unwrap_or_else(|e| e.into_inner());
         map.remove(&name.to_ascii_lowercase());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(names: &[&str]) -> (CertifiedKey, Vec<String>) {
+        let provider = crate::tls::provider(false);
+        let c = rcgen::generate_simple_self_signed(
+            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let k = crate::tls::certified_key_from_pem(
+            c.cert.pem().as_bytes(),
+            c.signing_key.serialize_pem().as_bytes(),
+            &provider,
+        )
+        .unwrap();
+        (k, names.iter().map(|n| n.to_string()).collect())
+    }
+
+    #[test]
+    fn certificates_by_name() {
+        let set = CertSet::by_names(vec![
+            key(&["dvr.example.org"]),
+            key(&["nas.example.org"]),
+            key(&["*.example.net"]),
+        ])
+        .unwrap();
+        let idx = |sni| {
+            let k = set.for_name(sni);
+            set.certs
+                .iter()
+                .position(|(c, _)| Arc::ptr_eq(c, k))
+                .unwrap()
+        };
+        assert_eq!(idx(Some("NAS.example.org")), 1);
+        assert_eq!(idx(Some("a.example.net")), 2);
+        assert_eq!(idx(Some("a.b.example.net")), 0);
+        assert_eq!(idx(None), 0);
+        assert!(set.covers("nas.example.org"));
+        assert!(set.covers("cams.example.net"));
+        assert!(set.covers("*.example.net"));
+        assert!(!set.covers("*.example.org"));
+        assert!(!set.covers("other.example.org"));
     }
 }

@@ -1,0 +1,568 @@
+//! What one source (the command line or the file) said, and the merge of the
+//! two into one checked [`Config`].
+//!
+//! Precedence, as the README documents it:
+//! - Process-wide scalars (`max_connections`, `threads`, timeouts' defaults,
+//!   log settings, ACME's CA and contact, ...): the command line, else the
+//!   file's top level, else the built-in default.
+//! - Route settings: a route's own value, else its frontend's, else the top
+//!   level's (where a command-line option replaces the file's value), else
+//!   the built-in default. So `--idle-timeout` sets the default for every
+//!   route, and a route or frontend in the file that says otherwise keeps
+//!   its own value.
+//! - Lists add up: the command line's `--map`s are more routes (on the file's
+//!   frontend with the same listening address) or more frontends; `--cert`
+//!   pairs, `--self-signed-name`s and `--acme-domain`s join the file's.
+
+use std::path::PathBuf;
+
+use super::map::{parse_route_name, valid_hostname};
+use super::{
+    AcmeConfig, Backend, CertPair, CertSource, CipherPreference, Config, Duration, Eab, Frontend,
+    HmacKey, Listen, LogFormat, Logging, Origin, ProxyProtocol, Route, Secret, SniName, Timeouts,
+    LETS_ENCRYPT, LETS_ENCRYPT_STAGING,
+};
+
+/// Route settings as a source gave them; `None` means "not said here".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteSettings {
+    /// TLS handshake time limit.
+    pub handshake_timeout: Option<Duration>,
+    /// Backend connect time limit.
+    pub connect_timeout: Option<Duration>,
+    /// Idle limit; `Some(None)` turns an inherited one off.
+    pub idle_timeout: Option<Option<Duration>>,
+    /// Half-close limit.
+    pub close_timeout: Option<Duration>,
+    /// PROXY header; `Some(None)` turns an inherited one off.
+    pub proxy_protocol: Option<Option<ProxyProtocol>>,
+    /// ALPN protocols to advertise.
+    pub alpn: Option<Vec<String>>,
+}
+
+impl RouteSettings {
+    /// These settings, with what they leave unsaid taken from `base`.
+    pub fn over(&self, base: &RouteSettings) -> RouteSettings {
+        RouteSettings {
+            handshake_timeout: self.handshake_timeout.or(base.handshake_timeout),
+            connect_timeout: self.connect_timeout.or(base.connect_timeout),
+            idle_timeout: self.idle_timeout.or(base.idle_timeout),
+            close_timeout: self.close_timeout.or(base.close_timeout),
+            proxy_protocol: self.proxy_protocol.or(base.proxy_protocol),
+            alpn: self.alpn.clone().or_else(|| base.alpn.clone()),
+        }
+    }
+}
+
+/// A route as a source gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// Server names as written (checked here).
+    pub names: Vec<String>,
+    /// Said to be the default route (a route without names always is).
+    pub default: bool,
+    /// Where it forwards to.
+    pub backend: Backend,
+    /// Its own settings.
+    pub settings: RouteSettings,
+    /// Where it was said.
+    pub origin: Origin,
+}
+
+/// A frontend as a source gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontendSpec {
+    /// Where to listen.
+    pub listen: Listen,
+    /// Defaults for its routes.
+    pub settings: RouteSettings,
+    /// Its routes.
+    pub routes: Vec<RouteSpec>,
+    /// Where it was said.
+    pub origin: Origin,
+}
+
+/// ACME settings as a source gave them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AcmeLayer {
+    /// Whether this source turns ACME on (an `[acme]` table, or `--acme-domain`).
+    pub enabled: bool,
+    /// Names besides the routes' own.
+    pub domains: Vec<String>,
+    /// Contact address.
+    pub email: Option<String>,
+    /// Directory URL.
+    pub directory: Option<String>,
+    /// Let's Encrypt's staging CA.
+    pub staging: Option<bool>,
+    /// Root for the directory's HTTPS.
+    pub ca_root: Option<PathBuf>,
+    /// EAB key identifier.
+    pub eab_kid: Option<String>,
+    /// EAB HMAC key, base64url.
+    pub eab_hmac_key: Option<Secret>,
+}
+
+/// Everything one source said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layer {
+    /// Frontends with their routes (`--map`s are one frontend each).
+    pub frontends: Vec<FrontendSpec>,
+    /// Defaults for every route.
+    pub defaults: RouteSettings,
+    /// Certificate pairs.
+    pub certs: Vec<CertPair>,
+    /// Extra names for the self-signed certificate.
+    pub self_signed_names: Vec<String>,
+    /// ACME.
+    pub acme: AcmeLayer,
+    /// ACME state directory.
+    pub state_dir: Option<PathBuf>,
+    /// AEAD preference.
+    pub cipher_preference: Option<CipherPreference>,
+    /// Drain deadline.
+    pub shutdown_timeout: Option<Duration>,
+    /// Connection cap.
+    pub max_connections: Option<u32>,
+    /// Worker threads.
+    pub threads: Option<u16>,
+    /// Log level.
+    pub log_level: Option<String>,
+    /// Log format.
+    pub log_format: Option<LogFormat>,
+    /// The file, for the file's layer.
+    pub file: Option<PathBuf>,
+}
+
+/// Most connections `max_connections` may allow.
+pub const MAX_CONNECTIONS: u32 = 1_000_000;
+/// Most worker threads.
+pub const MAX_THREADS: u16 = 1024;
+
+/// Merges the file's layer (if any) and the command line's into one checked
+/// `Config`. The error is one line that names the setting and where it was.
+pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
+    let file = file.unwrap_or_default();
+    let defaults = cli.defaults.over(&file.defaults);
+
+    let mut frontends: Vec<(FrontendSpec, Vec<Route>)> = Vec::new();
+    for spec in file.frontends.iter().chain(cli.frontends.iter()) {
+        if spec.routes.is_empty() {
+            return Err(format!(
+                "frontend {} ({}) has no routes; add a [[frontend.route]] with a backend",
+                spec.listen, spec.origin
+            ));
+        }
+        let mut routes = Vec::with_capacity(spec.routes.len());
+        for r in &spec.routes {
+            routes.push(route(r, &r.settings.over(&spec.settings.over(&defaults)))?);
+        }
+        // Port 0 asks the kernel for a fresh port: never the same frontend.
+        let same = |f: &FrontendSpec| f.listen == spec.listen && spec.listen.port != 0;
+        match frontends.iter_mut().find(|(f, _)| same(f)) {
+            Some((_, existing)) => existing.extend(routes),
+            None => frontends.push((spec.clone(), routes)),
+        }
+    }
+    if frontends.is_empty() {
+        return Err(
+            "nothing to serve: give at least one --map (like --map 443:dvr.lan:80) or a [[frontend]] in --config"
+                .into(),
+        );
+    }
+    for (i, (a, _)) in frontends.iter().enumerate() {
+        if let Some((b, _)) = frontends[..i]
+            .iter()
+            .find(|(b, _)| b.listen.overlaps(&a.listen))
+        {
+            return Err(format!(
+                "maps '{}' and '{}' both listen on port {}; give each its own port or address, or the same address to share one",
+                describe(b),
+                describe(a),
+                a.listen.port
+            ));
+        }
+    }
+    let frontends: Vec<Frontend> = frontends
+        .into_iter()
+        .map(|(spec, routes)| check_frontend(spec.listen, routes))
+        .collect::<Result<_, _>>()?;
+
+    let acme_on = cli.acme.enabled || file.acme.enabled;
+    let mut certs = file.certs.clone();
+    certs.extend(cli.certs.iter().cloned());
+    let mut extra_names = file.self_signed_names.clone();
+    extra_names.extend(cli.self_signed_names.iter().cloned());
+    let cert = if acme_on {
+        if !certs.is_empty() {
+            return Err(
+                "ACME and certificate files cannot be used together: drop --cert/--key (or [[cert]]) or the ACME settings"
+                    .into(),
+            );
+        }
+        CertSource::Acme(acme(&file, &cli, &frontends)?)
+    } else if !certs.is_empty() {
+        CertSource::Files(certs)
+    } else {
+        CertSource::SelfSigned { extra_names }
+    };
+
+    let max_connections = cli.max_connections.or(file.max_connections).unwrap_or(1024);
+    if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
+        return Err(format!(
+            "max_connections {max_connections} is out of range: use 1 to {MAX_CONNECTIONS}"
+        ));
+    }
+    let workers = match cli.threads.or(file.threads) {
+        Some(n) if (1..=MAX_THREADS).contains(&n) => usize::from(n),
+        Some(n) => {
+            return Err(format!(
+                "threads {n} is out of range: use 1 to {MAX_THREADS}"
+            ))
+        }
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    Ok(Config {
+        frontends,
+        cert,
+        cipher_preference: cli
+            .cipher_preference
+            .or(file.cipher_preference)
+            .unwrap_or(CipherPreference::Auto),
+        shutdown_timeout: cli
+            .shutdown_timeout
+            .or(file.shutdown_timeout)
+            .map_or(std::time::Duration::from_secs(30), |d| d.0),
+        max_connections: max_connections as usize,
+        workers,
+        log: Logging {
+            level: cli
+                .log_level
+                .clone()
+                .or_else(|| file.log_level.clone())
+                .unwrap_or_else(|| "info".into()),
+            format: cli
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+        },
+        file: file.file.clone(),
+    })
+}
+
+fn describe(spec: &FrontendSpec) -> String {
+    match &spec.origin {
+        Origin::Map(text) => text.clone(),
+        o => format!("{} ({o})", spec.listen),
+    }
+}
+
+/// Resolves one route's settings and checks its names.
+fn route(spec: &RouteSpec, s: &RouteSettings) -> Result<Route, String> {
+    let at = &spec.origin;
+    let positive = |name: &str, d: Option<Duration>, default: std::time::Duration| match d {
+        None => Ok(default),
+        Some(d) if d.0.is_zero() => Err(format!("{name} must be more than 0 ({at})")),
+        Some(d) => Ok(d.0),
+    };
+    let builtin = Timeouts::default();
+    let timeouts = Timeouts {
+        handshake: positive(
+            "--handshake-timeout",
+            s.handshake_timeout,
+            builtin.handshake,
+        )?,
+        connect: positive("--connect-timeout", s.connect_timeout, builtin.connect)?,
+        idle: match s.idle_timeout.flatten() {
+            None => None,
+            Some(d) => Some(positive("--idle-timeout", Some(d), builtin.close)?),
+        },
+        close: positive("--close-timeout", s.close_timeout, builtin.close)?,
+    };
+    let mut alpn = Vec::new();
+    for p in s.alpn.iter().flatten() {
+        if p.is_empty() || p.len() > 255 {
+            return Err(format!(
+                "invalid --alpn '{p}' ({at}): a protocol name is 1 to 255 bytes, like http/1.1"
+            ));
+        }
+        alpn.push(p.as_bytes().to_vec());
+    }
+    let mut names = Vec::with_capacity(spec.names.len());
+    for n in &spec.names {
+        let n = parse_route_name(n).map_err(|why| format!("{why} ({at})"))?;
+        let n = SniName::new(&n);
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    Ok(Route {
+        default: spec.default || names.is_empty(),
+        names,
+        backend: spec.backend.clone(),
+        timeouts,
+        proxy_protocol: s.proxy_protocol.flatten(),
+        alpn,
+        origin: spec.origin.clone(),
+    })
+}
+
+/// One frontend's routes: names unique, at most one default.
+fn check_frontend(listen: Listen, routes: Vec<Route>) -> Result<Frontend, String> {
+    for (i, r) in routes.iter().enumerate() {
+        for other in &routes[..i] {
+            if r.default && other.default {
+                return Err(format!(
+                    "frontend {listen} has two default routes: {} and {}; give one of them server names, like --map {}:nas.example.org=nas.lan:5000",
+                    other.origin, r.origin, listen
+                ));
+            }
+            if let Some(n) = r.names.iter().find(|n| other.names.contains(n)) {
+                return Err(format!(
+                    "frontend {listen} has two routes for '{n}': {} and {}; each name may lead to one backend",
+                    other.origin, r.origin
+                ));
+            }
+        }
+    }
+    Ok(Frontend { listen, routes })
+}
+
+/// ACME's settings: the command line's over the file's; names from both and
+/// from every route.
+fn acme(file: &Layer, cli: &Layer, frontends: &[Frontend]) -> Result<AcmeConfig, String> {
+    let mut domains: Vec<String> = Vec::new();
+    for d in file.acme.domains.iter().chain(cli.acme.domains.iter()) {
+        let name = d.trim_end_matches('.').to_ascii_lowercase();
+        if name.starts_with("*.") {
+            return Err(format!(
+                "invalid --acme-domain '{d}': TLS-ALPN-01 cannot prove wildcard names; list each name"
+            ));
+        }
+        if name.parse::<std::net::IpAddr>().is_ok() {
+            return Err(format!(
+                "invalid --acme-domain '{d}': an IP address; give the DNS name that points here"
+            ));
+        }
+        if !valid_hostname(&name) || !name.contains('.') {
+            return Err(format!(
+                "invalid --acme-domain '{d}': not a fully qualified DNS name like cams.example.org"
+            ));
+        }
+        if !domains.contains(&name) {
+            domains.push(name);
+        }
+    }
+    for f in frontends {
+        for r in &f.routes {
+            for n in &r.names {
+                match n {
+                    SniName::Exact(name) if !name.contains('.') => {
+                        return Err(format!(
+                            "route '{name}' ({}) cannot get an ACME certificate: not a fully qualified DNS name like cams.example.org",
+                            r.origin
+                        ))
+                    }
+                    SniName::Exact(name) => {
+                        if !domains.contains(name) {
+                            domains.push(name.clone());
+                        }
+                    }
+                    SniName::Wildcard(_) => {
+                        return Err(format!(
+                            "route '{n}' ({}) cannot get an ACME certificate: TLS-ALPN-01 cannot prove wildcard names; list each name as its own route",
+                            r.origin
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    if domains.is_empty() {
+        return Err(
+            "ACME has no names to ask for: give --acme-domain (or domains in [acme]), or routes with server names"
+                .into(),
+        );
+    }
+    let email = cli.acme.email.as_ref().or(file.acme.email.as_ref());
+    let contact = match email {
+        None => None,
+        Some(e) if e.contains('@') && !e.contains(char::is_whitespace) => {
+            Some(format!("mailto:{}", e.trim_start_matches("mailto:")))
+        }
+        Some(e) => {
+            return Err(format!(
+                "invalid --acme-email '{e}': write an address like me@example.org"
+            ))
+        }
+    };
+    let staging = cli.acme.staging.or(file.acme.staging).unwrap_or(false);
+    let directory = match cli.acme.directory.as_ref().or(file.acme.directory.as_ref()) {
+        Some(url) => {
+            if !url.starts_with("https://") {
+                return Err(format!(
+                    "invalid --acme-directory '{url}': ACME directories are https:// URLs"
+                ));
+            }
+            url.clone()
+        }
+        None if staging => LETS_ENCRYPT_STAGING.to_string(),
+        None => LETS_ENCRYPT.to_string(),
+    };
+    let kid = cli.acme.eab_kid.as_ref().or(file.acme.eab_kid.as_ref());
+    let key = cli
+        .acme
+        .eab_hmac_key
+        .as_ref()
+        .or(file.acme.eab_hmac_key.as_ref());
+    let eab = match (kid, key) {
+        (Some(kid), Some(key)) => {
+            use base64::Engine as _;
+            let text = key.0.trim().trim_end_matches('=');
+            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(text)
+                .map_err(|_| {
+                    "invalid --acme-eab-hmac-key: not base64url; paste the key exactly as the CA shows it".to_string()
+                })?;
+            Some(Eab {
+                kid: kid.clone(),
+                hmac_key: HmacKey(bytes),
+            })
+        }
+        (None, None) => None,
+        _ => {
+            return Err(
+                "external account binding needs both the key identifier and the HMAC key (--acme-eab-kid and --acme-eab-hmac-key)"
+                    .into(),
+            )
+        }
+    };
+    let state_dir = match cli.state_dir.as_ref().or(file.state_dir.as_ref()) {
+        Some(d) => d.clone(),
+        None => std::env::var_os("STATE_DIRECTORY")
+            .and_then(|v| {
+                // systemd lists several directories separated by ':'; the first is ours.
+                v.to_str()
+                    .and_then(|s| s.split(':').next())
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from("/var/lib/tcpfwd")),
+    };
+    Ok(AcmeConfig {
+        domains,
+        contact,
+        directory,
+        ca_root: cli
+            .acme
+            .ca_root
+            .clone()
+            .or_else(|| file.acme.ca_root.clone()),
+        eab,
+        state_dir,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MapSpec;
+
+    fn map_layer(maps: &[&str]) -> Layer {
+        Layer {
+            frontends: maps
+                .iter()
+                .map(|m| {
+                    let spec: MapSpec = m.parse().unwrap();
+                    FrontendSpec {
+                        listen: spec.listen,
+                        settings: RouteSettings::default(),
+                        routes: vec![RouteSpec {
+                            names: spec.names.clone(),
+                            default: false,
+                            backend: spec.backend.clone(),
+                            settings: RouteSettings::default(),
+                            origin: Origin::Map(m.to_string()),
+                        }],
+                        origin: Origin::Map(m.to_string()),
+                    }
+                })
+                .collect(),
+            ..Layer::default()
+        }
+    }
+
+    #[test]
+    fn maps_on_one_port_share_a_frontend_by_name() {
+        let c = build(
+            None,
+            map_layer(&[
+                "443:dvr.lan:80",
+                "443:nas.example.org=nas.lan:5000",
+                "7682:dvr.lan:7681",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.frontends.len(), 2);
+        let f = &c.frontends[0];
+        assert_eq!(f.routes.len(), 2);
+        assert!(f.routes[0].default && f.routes[0].names.is_empty());
+        assert!(!f.routes[1].default);
+        assert_eq!(f.routes[1].label(), "nas.example.org");
+        assert_eq!(
+            f.routes[1].map_text(&f.listen),
+            "443:nas.example.org=nas.lan:5000"
+        );
+    }
+
+    #[test]
+    fn conflicts_name_both_places() {
+        let e = build(None, map_layer(&["443:a:80", "443:b:80"])).unwrap_err();
+        assert!(e.contains("two default routes"), "{e}");
+        assert!(
+            e.contains("--map '443:a:80'") && e.contains("--map '443:b:80'"),
+            "{e}"
+        );
+        let e = build(None, map_layer(&["443:x.org=a:80", "443:X.org.=b:80"])).unwrap_err();
+        assert!(e.contains("two routes for 'x.org'"), "{e}");
+        let e = build(None, map_layer(&["8443:a:80", "127.0.0.1:8443:b:80"])).unwrap_err();
+        assert!(e.contains("both listen on port 8443"), "{e}");
+    }
+
+    #[test]
+    fn settings_route_over_frontend_over_cli_over_file() {
+        let mut file = map_layer(&["443:a:80"]);
+        file.defaults.idle_timeout = Some(Some("1h".parse().unwrap()));
+        file.defaults.close_timeout = Some("9s".parse().unwrap());
+        file.frontends[0].settings.connect_timeout = Some("2s".parse().unwrap());
+        file.frontends[0].routes[0].settings.close_timeout = Some("3s".parse().unwrap());
+        let mut cli = map_layer(&["444:b:80"]);
+        cli.defaults.idle_timeout = Some(Some("5m".parse().unwrap()));
+        let c = build(Some(file), cli).unwrap();
+        let a = &c.frontends[0].routes[0].timeouts;
+        let b = &c.frontends[1].routes[0].timeouts;
+        let s = std::time::Duration::from_secs;
+        assert_eq!(a.idle, Some(s(300)));
+        assert_eq!(a.connect, s(2));
+        assert_eq!(a.close, s(3));
+        assert_eq!(b.idle, Some(s(300)));
+        assert_eq!(b.close, s(9));
+        assert_eq!(b.connect, s(5));
+    }
+
+    #[test]
+    fn acme_takes_route_names_and_refuses_wildcards() {
+        let mut cli = map_layer(&["443:dvr.lan:80", "443:nas.example.org=nas.lan:5000"]);
+        cli.acme.enabled = true;
+        cli.acme.domains = vec!["Cams.Example.org.".into()];
+        let c = build(None, cli.clone()).unwrap();
+        let CertSource::Acme(a) = &c.cert else {
+            panic!("{c:?}")
+        };
+        assert_eq!(a.domains, ["cams.example.org", "nas.example.org"]);
+        let mut bad = map_layer(&["443:*.example.org=web:80"]);
+        bad.acme.enabled = true;
+        let e = build(None, bad).unwrap_err();
+        assert!(e.contains("wildcard"), "{e}");
+    }
+}
