@@ -162,7 +162,7 @@ impl FromStr for ProxyProtocol {
             "v1" => Ok(ProxyProtocol::V1),
             "v2" => Ok(ProxyProtocol::V2),
             _ => Err(format!(
-                "invalid PROXY protocol version '{s}': use \"v1\" or \"v2\""
+                "invalid proxy_protocol '{s}': expected \"v1\" or \"v2\""
             )),
         }
     }

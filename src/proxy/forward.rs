@@ -115,6 +115,22 @@ async fn connect_backend(backend: &Backend) -> Result<TcpStream, String> {
     Err(last)
 }
 
+/// Writes the PROXY header a route's backend reads before any client byte.
+async fn send_proxy_header(
+    backend: &mut TcpStream,
+    version: crate::config::ProxyProtocol,
+    peer: SocketAddr,
+    client: &conn::TlsConn,
+) -> Result<(), String> {
+    let local = client
+        .local_addr()
+        .map_err(|e| format!("PROXY header: cannot read the local address: {e}"))?;
+    let header = crate::proxy::header::encode(version, peer, local, &client.tls_info());
+    tokio::io::AsyncWriteExt::write_all(backend, &header)
+        .await
+        .map_err(|e| format!("sending the PROXY header: {e}"))
+}
+
 /// Serves one accepted connection until it ends, then logs it once.
 pub async fn serve(
     tcp: TcpStream,
@@ -127,7 +143,7 @@ pub async fn serve(
     let stats = Stats::new();
     let mut seen = Seen::default();
     let end = tokio::select! {
-        end = run(tcp, &frontend, &ctx, &stats, &mut seen) => end,
+        end = run(tcp, peer, &frontend, &ctx, &stats, &mut seen) => end,
         _ = stop.wait_for(|s| *s) => End::Shutdown,
     };
     let (up, down) = stats.bytes();
@@ -171,13 +187,9 @@ pub async fn serve(
     }
 }
 
-/// "TLSv1_3" as people write it: "TLSv1.3".
-fn version_text(v: rustls::ProtocolVersion) -> String {
-    format!("{v:?}").replace('_', ".")
-}
-
 async fn run(
     tcp: TcpStream,
+    peer: SocketAddr,
     frontend: &FrontendHandle,
     ctx: &Context,
     stats: &Arc<Stats>,
@@ -237,20 +249,25 @@ async fn run(
         return End::AcmeChallenge;
     };
     let session = client.session();
-    seen.tls_version = session.protocol_version().map(version_text);
+    seen.tls_version = session
+        .protocol_version()
+        .and_then(conn::version_name)
+        .map(str::to_owned);
     seen.cipher = session
         .negotiated_cipher_suite()
-        .map(|s| format!("{:?}", s.suite()));
+        .and_then(|s| conn::iana_name(s.suite()));
     seen.kx = session
         .negotiated_key_exchange_group()
         .map(|g| format!("{:?}", g.name()));
     let timeouts = &route.route.timeouts;
-    let end = match timeout(
-        timeouts.connect,
-        Box::pin(connect_backend(&route.route.backend)),
-    )
-    .await
-    {
+    let connect = Box::pin(async {
+        let mut b = connect_backend(&route.route.backend).await?;
+        if let Some(version) = route.route.proxy_protocol {
+            send_proxy_header(&mut b, version, peer, &client).await?;
+        }
+        Ok::<_, String>(b)
+    });
+    let end = match timeout(timeouts.connect, connect).await {
         Err(_) => End::ConnectTimeout,
         Ok(Err(e)) => End::BackendUnreachable(e),
         Ok(Ok(b)) => {

@@ -14,10 +14,12 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use rustls::server::{Accepted, Acceptor, ClientHello};
-use rustls::{ProtocolVersion, ServerConfig, ServerConnection};
+use rustls::{CipherSuite, ProtocolVersion, ServerConfig, ServerConnection};
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::proxy::header::TlsInfo;
 
 /// Holds a short send back so that a following FIN joins its segment.
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -115,9 +117,35 @@ pub struct TlsConn {
 }
 
 impl TlsConn {
-    /// The negotiated session, for what the log line and PROXY header report.
+    /// The negotiated session, for what the log line reports.
     pub fn session(&self) -> &ServerConnection {
         &self.conn
+    }
+
+    /// The address the client connected to (a `getsockname`, so only on demand).
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// What the handshake settled, for the PROXY v2 header a backend may get.
+    pub fn tls_info(&self) -> TlsInfo {
+        TlsInfo {
+            sni: self.conn.server_name().map(str::to_owned),
+            alpn: self.conn.alpn_protocol().map(<[u8]>::to_vec),
+            version: self
+                .conn
+                .protocol_version()
+                .and_then(version_name)
+                .map(str::to_owned),
+            cipher: self
+                .conn
+                .negotiated_cipher_suite()
+                .and_then(|s| iana_name(s.suite())),
+            // rustls only keeps a client chain that its verifier accepted.
+            client_cert_verified: self.conn.peer_certificates().is_some(),
+            // With client certificates (a later issue), from the leaf's subject.
+            client_cn: None,
+        }
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -263,6 +291,26 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// A protocol version as OpenSSL prints it (`TLSv1.3`), which is what
+/// PROXY protocol receivers know from HAProxy.
+pub fn version_name(version: ProtocolVersion) -> Option<&'static str> {
+    match version {
+        ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),
+        ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
+        _ => None,
+    }
+}
+
+/// A cipher suite's IANA name. rustls names TLS 1.2 suites as IANA does and
+/// TLS 1.3 ones with a `TLS13_` prefix where IANA writes `TLS_`.
+pub fn iana_name(suite: CipherSuite) -> Option<String> {
+    let name = suite.as_str()?;
+    Some(match name.strip_prefix("TLS13_") {
+        Some(rest) => format!("TLS_{rest}"),
+        None => name.to_owned(),
+    })
+}
+
 /// `io::Read` over the socket for rustls, in the current task's context.
 struct ReadAdapter<'a, 'b> {
     tcp: &'a mut TcpStream,
@@ -335,5 +383,89 @@ impl Write for SendAdapter<'_, '_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{provider, server_config, CertResolver};
+    use rustls::pki_types::ServerName;
+
+    #[test]
+    fn names_are_openssl_versions_and_iana_suites() {
+        assert_eq!(version_name(ProtocolVersion::TLSv1_3), Some("TLSv1.3"));
+        assert_eq!(version_name(ProtocolVersion::TLSv1_2), Some("TLSv1.2"));
+        assert_eq!(version_name(ProtocolVersion::TLSv1_0), None);
+        let name = |s| iana_name(s).unwrap();
+        assert_eq!(
+            name(CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "TLS_AES_128_GCM_SHA256"
+        );
+        assert_eq!(
+            name(CipherSuite::TLS13_CHACHA20_POLY1305_SHA256),
+            "TLS_CHACHA20_POLY1305_SHA256"
+        );
+        assert_eq!(
+            name(CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
+            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"
+        );
+        assert_eq!(iana_name(CipherSuite::Unknown(0xfefe)), None);
+    }
+
+    /// A real handshake over loopback: what the client asked for is what
+    /// `tls_info` reports.
+    #[tokio::test]
+    async fn tls_info_reports_the_handshake() {
+        let provider = Arc::new(provider(false));
+        let cert = crate::tls::self_signed(&[], &provider).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.key.cert[0].clone()).unwrap();
+        let server = server_config(
+            provider.clone(),
+            CertResolver::new(cert.key),
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )
+        .unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            // Wait for the server to close, so the handshake is not cut short.
+            let mut buf = [0u8; 1];
+            let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut buf).await;
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut conn = read_hello(tcp)
+            .await
+            .unwrap()
+            .handshake(server)
+            .await
+            .unwrap();
+        assert_eq!(
+            conn.tls_info(),
+            TlsInfo {
+                sni: Some("localhost".into()),
+                alpn: Some(b"h2".to_vec()),
+                version: Some("TLSv1.3".into()),
+                cipher: Some("TLS_AES_128_GCM_SHA256".into()),
+                client_cert_verified: false,
+                client_cn: None,
+            }
+        );
+        tokio::io::AsyncWriteExt::shutdown(&mut conn).await.unwrap();
+        client.await.unwrap();
     }
 }

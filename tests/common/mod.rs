@@ -1,8 +1,10 @@
 //! Shared helpers for the integration tests: start the real binary and read its
-//! JSON log, a throw-away PKI, TLS clients, and plain backends on loopback.
+//! JSON log, a throw-away PKI, TLS clients, plain backends on loopback, and
+//! real readers of the PROXY protocol (nginx, HAProxy).
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod proxy_readers;
 pub mod systemd;
 
 use std::io::{BufRead, BufReader};
