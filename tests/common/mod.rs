@@ -163,13 +163,12 @@ impl Tcpfwd {
         cmd
     }
 
-    /// Starts `BIN args...` and waits until every map listens.
+    /// Starts `BIN args...` and waits until it is ready (every frontend listens).
     pub fn start(args: &[&str]) -> Tcpfwd {
         let mut cmd = Self::command();
         cmd.args(args);
-        let maps = args.iter().filter(|a| **a == "--map").count();
         let t = Self::spawn(cmd);
-        t.wait_for(|e| msg(e) == "listening", maps, Duration::from_secs(20));
+        t.wait_for(|e| msg(e) == "ready", 1, Duration::from_secs(20));
         t
     }
 
