@@ -11,7 +11,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 
-use crate::config::{BackendHost, MapSpec, Timeouts};
+use crate::config::{MapSpec, Timeouts};
+use crate::net::connect;
 use crate::proxy::splice::{self, Counted, Expired, Side, Stats};
 use crate::tls::conn;
 use crate::tls::TlsRouter;
@@ -80,27 +81,6 @@ pub fn tune(socket: SockRef<'_>) {
     let _ = socket.set_tcp_keepalive(&ka);
 }
 
-/// Resolves the backend anew (names follow DHCP changes) and connects to the
-/// first address that answers.
-async fn connect_backend(map: &MapSpec) -> Result<TcpStream, String> {
-    let port = map.backend.port;
-    let addrs: Vec<SocketAddr> = match &map.backend.host {
-        BackendHost::Ip(ip) => vec![SocketAddr::new(*ip, port)],
-        BackendHost::Name(name) => tokio::net::lookup_host((name.as_str(), port))
-            .await
-            .map_err(|e| format!("cannot resolve {name}: {e}"))?
-            .collect(),
-    };
-    let mut last = format!("{} resolved to no address", map.backend);
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = format!("connect to {addr}: {e}"),
-        }
-    }
-    Err(last)
-}
-
 /// Serves one accepted connection until it ends, then logs it once.
 pub async fn serve(
     tcp: TcpStream,
@@ -112,8 +92,9 @@ pub async fn serve(
     let started = Instant::now();
     let stats = Stats::new();
     let mut sni = None;
+    let mut backend_addr = None;
     let end = tokio::select! {
-        end = run(tcp, &map, &ctx, &stats, &mut sni) => end,
+        end = run(tcp, &map, &ctx, &stats, &mut sni, &mut backend_addr) => end,
         _ = stop.wait_for(|s| *s) => End::Shutdown,
     };
     let (up, down) = stats.bytes();
@@ -122,6 +103,8 @@ pub async fn serve(
     let no_close_notify = stats.client_skipped_close_notify();
     let reason = end.reason();
     let sni = sni.as_deref().unwrap_or("");
+    let backend_addr = backend_addr.map(|a| a.to_string()).unwrap_or_default();
+    let backend_addr = backend_addr.as_str();
     match &end {
         // Scanners make handshake failures routine on the internet: info, not warn.
         End::Closed(_)
@@ -130,12 +113,12 @@ pub async fn serve(
         | End::HandshakeFailed(_)
         | End::HandshakeTimeout => tracing::info!(
             %peer, map = %map, sni, bytes_up = up, bytes_down = down, duration_ms = ms,
-            reason, client_close_notify = !no_close_notify, detail = detail.as_deref().unwrap_or(""),
+            backend_addr, reason, client_close_notify = !no_close_notify, detail = detail.as_deref().unwrap_or(""),
             "connection closed"
         ),
         _ => tracing::warn!(
             %peer, map = %map, sni, bytes_up = up, bytes_down = down, duration_ms = ms,
-            reason, client_close_notify = !no_close_notify, detail = detail.as_deref().unwrap_or(""),
+            backend_addr, reason, client_close_notify = !no_close_notify, detail = detail.as_deref().unwrap_or(""),
             "connection closed"
         ),
     }
@@ -147,6 +130,7 @@ async fn run(
     ctx: &Context,
     stats: &Arc<Stats>,
     sni: &mut Option<String>,
+    backend_addr: &mut Option<SocketAddr>,
 ) -> End {
     // The handshake and the backend connect are boxed, and so is the TLS
     // connection: their state (several KiB in rustls) is on the heap only
@@ -174,10 +158,12 @@ async fn run(
         }
         Ok(Ok((stream, false))) => stream,
     };
-    let end = match timeout(ctx.timeouts.connect, Box::pin(connect_backend(map))).await {
+    let connecting = Box::pin(connect::connect(&map.backend.host, map.backend.port));
+    let end = match timeout(ctx.timeouts.connect, connecting).await {
         Err(_) => End::ConnectTimeout,
-        Ok(Err(e)) => End::BackendUnreachable(e),
-        Ok(Ok(b)) => {
+        Ok(Err(e)) => End::BackendUnreachable(e.to_string()),
+        Ok(Ok((b, addr))) => {
+            *backend_addr = Some(addr);
             tune(SockRef::from(&b));
             let mut client_side = Counted::new(&mut *client, Side::Client, stats.clone());
             let mut backend_side = Counted::new(b, Side::Backend, stats.clone());
