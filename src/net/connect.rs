@@ -103,11 +103,11 @@ pub async fn connect_host(host: &str, port: u16) -> Result<(TcpStream, SocketAdd
     connect(&host, port).await
 }
 
-/// Happy eyeballs over `addrs` (RFC 8305 §5): the addresses are tried in
-/// [`interleave`]d order, each next one `attempt_delay` after the previous
-/// attempt started or as soon as an attempt fails, earlier attempts staying
-/// open; the first connection made wins and the other attempts are dropped,
-/// which closes their sockets. The attempts are polled here, not spawned.
+/// Happy eyeballs over `addrs` (RFC 8305 §5): the families alternate (§4),
+/// and each next address is tried `attempt_delay` after the previous attempt
+/// started, or as soon as an attempt fails, earlier attempts staying open.
+/// The first connection made wins; the other attempts are dropped, which
+/// closes their sockets. The attempts are polled here, not spawned.
 pub async fn connect_addrs(
     addrs: Vec<SocketAddr>,
     attempt_delay: Duration,
