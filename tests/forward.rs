@@ -191,6 +191,7 @@ async fn half_close_client_first_then_backend_keeps_sending() {
         .await;
     assert_eq!(reason(&ev[0]), "client closed");
     assert_eq!(ev[0]["client_close_notify"], true);
+    assert_eq!(ev[0]["backend_addr"], backend.to_string());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,6 +313,7 @@ async fn backend_down_is_logged_and_survived() {
         ev[0]
     );
     assert_eq!(ev[0]["level"], "WARN");
+    assert_eq!(ev[0]["backend_addr"], "");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

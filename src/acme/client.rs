@@ -1,12 +1,10 @@
 //! The HTTPS client for the ACME CA: HTTP/1.1 over rustls (ring), one
 //! connection per request, remembering the last failed request for the log.
 
-use std::future::{poll_fn, Future};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::path::Path;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail};
@@ -18,17 +16,15 @@ use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::http1::{encode_request, ResponseReader};
 use super::{error_chain, REQUEST_TIMEOUT};
+use crate::net::connect;
 use crate::tls::CertError;
 
 /// Longest the name lookup and TCP connection to the CA may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long one address of the CA gets before the next is tried as well (RFC 8305's value).
-const NEXT_ADDRESS_DELAY: Duration = Duration::from_millis(250);
 
 /// The last request to the CA that failed, for the log line and `Retry-After`.
 #[derive(Debug, Clone)]
@@ -171,9 +167,12 @@ async fn send(
     let name = ServerName::try_from(host.to_string())
         .map_err(|e| format!("{host:?} cannot be a TLS server name ({e})"))?;
 
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect(host, port))
+    // Happy eyeballs, as for backends: an IPv6 route that drops packets costs
+    // 250 ms, not the whole timeout.
+    let (tcp, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect::connect_host(host, port))
         .await
-        .map_err(|_| format!("cannot connect to {host}:{port} within {CONNECT_TIMEOUT:?}"))??;
+        .map_err(|_| format!("cannot connect to {host}:{port} within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
     let mut stream = tls
         .connect(name, tcp)
         .await
@@ -203,55 +202,6 @@ async fn send(
         }
     }
     reader.finish()
-}
-
-/// One connection attempt: the address and how it went.
-type Attempt = Pin<Box<dyn Future<Output = (SocketAddr, std::io::Result<TcpStream>)> + Send>>;
-
-/// A TCP connection to the first address of `host` that accepts one, in the
-/// resolver's order. Like hyper before it (happy eyeballs, RFC 8305), the next
-/// address is tried as soon as one fails or has not answered within
-/// [`NEXT_ADDRESS_DELAY`], so an IPv6 route that drops packets does not use
-/// up the whole timeout. The attempts are polled here, not spawned.
-async fn connect(host: &str, port: u16) -> Result<TcpStream, String> {
-    let mut addrs = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
-        .peekable();
-    let mut attempts: Vec<Attempt> = Vec::new();
-    let mut last = format!("{host} has no address");
-    loop {
-        if let Some(addr) = addrs.next() {
-            attempts.push(Box::pin(
-                async move { (addr, TcpStream::connect(addr).await) },
-            ));
-        }
-        if attempts.is_empty() {
-            return Err(last);
-        }
-        let more = addrs.peek().is_some();
-        let mut head_start = pin!(tokio::time::sleep(NEXT_ADDRESS_DELAY));
-        let finished = poll_fn(|cx| {
-            for i in 0..attempts.len() {
-                if let Poll::Ready(done) = attempts[i].as_mut().poll(cx) {
-                    // It has finished: never poll it again.
-                    drop(attempts.swap_remove(i));
-                    return Poll::Ready(Some(done));
-                }
-            }
-            if more && head_start.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await;
-        match finished {
-            Some((_, Ok(tcp))) => return Ok(tcp),
-            Some((addr, Err(e))) => last = format!("cannot connect to {addr}: {e}"),
-            // The head start is over: the next address joins in.
-            None => {}
-        }
-    }
 }
 
 impl HttpClient for Http {

@@ -1,7 +1,9 @@
 //! Sockets: listening (bound here or passed by systemd), the accept loops and
-//! worker threads, and the few system calls the standard library lacks.
+//! worker threads, outgoing connections, and the few system calls the standard
+//! library lacks.
 
 pub mod activation;
+pub mod connect;
 pub mod listener;
 pub mod server;
 pub mod sys;

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::config::{Backend, BackendHost};
+use crate::net::connect;
 use crate::proxy::routes::{ActiveRoute, FrontendHandle};
 use crate::proxy::splice::{self, Counted, Expired, Side, Stats};
 use crate::tls::conn;
@@ -33,6 +33,8 @@ struct Seen {
     tls_version: Option<String>,
     cipher: Option<String>,
     kx: Option<String>,
+    /// The address the backend was reached at.
+    backend_addr: Option<SocketAddr>,
 }
 
 /// How a connection ended, for its log event.
@@ -94,27 +96,6 @@ pub fn tune(socket: SockRef<'_>) {
     let _ = socket.set_tcp_keepalive(&ka);
 }
 
-/// Resolves the backend anew (names follow DHCP changes) and connects to the
-/// first address that answers.
-async fn connect_backend(backend: &Backend) -> Result<TcpStream, String> {
-    let port = backend.port;
-    let addrs: Vec<SocketAddr> = match &backend.host {
-        BackendHost::Ip(ip) => vec![SocketAddr::new(*ip, port)],
-        BackendHost::Name(name) => tokio::net::lookup_host((name.as_str(), port))
-            .await
-            .map_err(|e| format!("cannot resolve {name}: {e}"))?
-            .collect(),
-    };
-    let mut last = format!("{backend} resolved to no address");
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = format!("connect to {addr}: {e}"),
-        }
-    }
-    Err(last)
-}
-
 /// Writes the PROXY header a route's backend reads before any client byte.
 async fn send_proxy_header(
     backend: &mut TcpStream,
@@ -165,6 +146,8 @@ pub async fn serve(
     let tls_version = seen.tls_version.as_deref().unwrap_or("");
     let cipher = seen.cipher.as_deref().unwrap_or("");
     let kx = seen.kx.as_deref().unwrap_or("");
+    let backend_addr = seen.backend_addr.map(|a| a.to_string()).unwrap_or_default();
+    let backend_addr = backend_addr.as_str();
     match &end {
         // Scanners make handshake failures routine on the internet: info, not warn.
         End::Closed(_)
@@ -173,13 +156,13 @@ pub async fn serve(
         | End::NoRoute
         | End::HandshakeFailed(_)
         | End::HandshakeTimeout => tracing::info!(
-            %peer, map, route, sni, backend, bytes_up = up, bytes_down = down, duration_ms = ms,
+            %peer, map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
             reason, client_close_notify = !no_close_notify, tls_version, cipher, kx,
             detail = detail.as_deref().unwrap_or(""),
             "connection closed"
         ),
         _ => tracing::warn!(
-            %peer, map, route, sni, backend, bytes_up = up, bytes_down = down, duration_ms = ms,
+            %peer, map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
             reason, client_close_notify = !no_close_notify, tls_version, cipher, kx,
             detail = detail.as_deref().unwrap_or(""),
             "connection closed"
@@ -261,7 +244,11 @@ async fn run(
         .map(|g| format!("{:?}", g.name()));
     let timeouts = &route.route.timeouts;
     let connect = Box::pin(async {
-        let mut b = connect_backend(&route.route.backend).await?;
+        let backend = &route.route.backend;
+        let (mut b, addr) = connect::connect(&backend.host, backend.port)
+            .await
+            .map_err(|e| e.to_string())?;
+        seen.backend_addr = Some(addr);
         if let Some(version) = route.route.proxy_protocol {
             send_proxy_header(&mut b, version, peer, &client).await?;
         }
