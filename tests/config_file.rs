@@ -170,9 +170,8 @@ fn each_kind_of_mistake_names_its_place() {
             vec![at(6, 27), "`sni`: route name 'a..b'".into()],
         ),
         (
-            format!(
-                "[[frontend]]\nlisten = \"127.0.0.1:0\"\n  [[frontend.route]]\n  sni = [\"a.example.org\"]\n  backend = \"127.0.0.1:9\"\n  [[frontend.route]]\n  sni = [\"A.example.org\"]\n  backend = \"127.0.0.1:10\"\n"
-            ),
+            "[[frontend]]\nlisten = \"127.0.0.1:0\"\n  [[frontend.route]]\n  sni = [\"a.example.org\"]\n  backend = \"127.0.0.1:9\"\n  [[frontend.route]]\n  sni = [\"A.example.org\"]\n  backend = \"127.0.0.1:10\"\n"
+                .into(),
             vec![
                 "two routes for 'a.example.org'".into(),
                 format!("{}:3:3", f.display()),
