@@ -505,6 +505,12 @@ impl TopDoc {
                 key: src.path_of(&c.key, "key")?,
             });
         }
+        if let (Some(a), false) = (&self.acme, certs.is_empty()) {
+            return Err(src.error(
+                &a.span(),
+                "[acme] and [[cert]] both say where the certificates come from: keep one",
+            ));
+        }
         let mut frontends = Vec::new();
         for f in self.frontend.iter().flatten() {
             frontends.push(frontend(src, f)?);
@@ -682,10 +688,6 @@ alpn = ["http/1.1"]
 self_signed_names = ["dvr.local"]
 state_dir = "state"
 
-[[cert]]
-cert = "/etc/tcpfwd/dvr.pem"
-key = "dvr.key"
-
 [acme]
 domains = ["Cams.Example.org."]
 email = "me@example.org"
@@ -758,9 +760,9 @@ listen = "[::1]:7682"
                             proxy_protocol: Some(Some(ProxyProtocol::V1)),
                             alpn: Some(vec![]),
                         },
-                        origin: at(33, 3),
+                        origin: at(29, 3),
                     }],
-                    origin: at(30, 1),
+                    origin: at(26, 1),
                 },
                 FrontendSpec {
                     listen: Listen {
@@ -769,7 +771,7 @@ listen = "[::1]:7682"
                     },
                     settings: RouteSettings::default(),
                     routes: vec![],
-                    origin: at(44, 1),
+                    origin: at(40, 1),
                 },
             ],
             defaults: RouteSettings {
@@ -780,10 +782,7 @@ listen = "[::1]:7682"
                 proxy_protocol: Some(Some(ProxyProtocol::V2)),
                 alpn: Some(vec!["http/1.1".into()]),
             },
-            certs: vec![CertPair {
-                cert: "/etc/tcpfwd/dvr.pem".into(),
-                key: "/etc/tcpfwd/dvr.key".into(),
-            }],
+            certs: vec![],
             self_signed_names: vec!["dvr.local".into()],
             acme: AcmeLayer {
                 enabled: true,
@@ -809,9 +808,32 @@ listen = "[::1]:7682"
         // The frontend without routes is refused by the merge, with its place.
         let e = layer::build(Some(l), Layer::default()).unwrap_err();
         assert!(
-            e.contains("[::1]:7682 (/etc/tcpfwd/tcpfwd.toml:44:1) has no routes"),
+            e.contains("[::1]:7682 (/etc/tcpfwd/tcpfwd.toml:40:1) has no routes"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn cert_pairs_with_paths_from_the_files_directory() {
+        let l = parse(
+            "[[cert]]\ncert = \"/etc/ssl/dvr.pem\"\nkey = \"dvr.key\"\n[[cert]]\ncert = \"nas.pem\"\nkey = \"/k/nas.key\"\n",
+            path(),
+        )
+        .unwrap();
+        assert_eq!(
+            l.certs,
+            [
+                CertPair {
+                    cert: "/etc/ssl/dvr.pem".into(),
+                    key: "/etc/tcpfwd/dvr.key".into(),
+                },
+                CertPair {
+                    cert: "/etc/tcpfwd/nas.pem".into(),
+                    key: "/k/nas.key".into(),
+                },
+            ]
+        );
+        assert!(!l.acme.enabled);
     }
 
     #[test]
@@ -1015,6 +1037,12 @@ listen = "[::1]:7682"
             2,
             13,
             &["`directory`", "https://"],
+        );
+        fails(
+            "[[cert]]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[acme]\n",
+            4,
+            1,
+            &["[acme] and [[cert]]", "keep one"],
         );
         fails(
             "[acme]\ndomains = [\"*.example.org\"]\n",
