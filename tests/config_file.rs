@@ -121,6 +121,7 @@ async fn a_full_file_starts_and_forwards_by_name() {
     let mut got = Vec::new();
     tls.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"named backend");
+    drop(tls);
     // No SNI (an IP address): the default route.
     drop(round_trip(&pki, port, "127.0.0.1", b"to the default").await);
     let ev = t.wait_for(
@@ -323,4 +324,51 @@ async fn idle_timeout_on_the_command_line_replaces_the_files_default_only() {
     own.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"still open");
     assert_eq!(t.closed().len(), 1, "{:?}", t.closed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_rereads_the_file_and_a_bad_one_keeps_serving() {
+    let pki = Pki::new();
+    let dir = TempDir::new("cfg-hup");
+    let (first, _) = backends::fixed_reply("127.0.0.1:0", b"first").await;
+    let (second, _) = backends::fixed_reply("127.0.0.1:0", b"second").await;
+    let port = free_port();
+    let named = first.to_string();
+    let file = two_route_file(&dir, &pki, port, &named, &first.to_string());
+    let t = start(&file, &[], 1);
+    let reply = |name: &'static str| {
+        let config = pki.client_config();
+        async move {
+            let addr = ([127, 0, 0, 1], port).into();
+            let mut tls = tls_connect(config, addr, name).await.unwrap();
+            let mut got = Vec::new();
+            tls.read_to_end(&mut got).await.unwrap();
+            got
+        }
+    };
+    assert_eq!(reply("127.0.0.1").await, b"first");
+
+    two_route_file(&dir, &pki, port, &named, &second.to_string());
+    t.signal(libc::SIGHUP);
+    t.wait_for_async(
+        |e| msg(e) == "configuration reloaded; new connections get it",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(reply("127.0.0.1").await, b"second");
+
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("threads = 1", "threads = one")).unwrap();
+    t.signal(libc::SIGHUP);
+    let ev = t
+        .wait_for_async(
+            |e| msg(e).starts_with("reload failed"),
+            1,
+            Duration::from_secs(10),
+        )
+        .await;
+    let m = msg(&ev[0]).to_string();
+    assert!(m.contains(&format!("{}:2:11", file.display())), "{m}");
+    assert_eq!(reply("127.0.0.1").await, b"second");
 }
