@@ -1,13 +1,1065 @@
-//! The configuration file (TOML), read into a [`Layer`].
+//! The configuration file (TOML), read into a [`Layer`]; every error points
+//! at FILE:LINE:COLUMN, names the key and quotes the line.
+//!
+//! The tables deserialise into plain structs (every one `deny_unknown_fields`)
+//! whose checked values are `Spanned` strings, then each value is parsed here
+//! with its position at hand. `layer::build` does the checks that need both
+//! sources (names unique, one default, overlapping listeners).
 
-use std::path::Path;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
-use super::layer::Layer;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::layer::{
+    AcmeLayer, FrontendSpec, Layer, RouteSettings, RouteSpec, MAX_CONNECTIONS, MAX_THREADS,
+};
+use super::map::{parse_backend, parse_listen, parse_route_name, valid_hostname};
+use super::{CertPair, CipherPreference, Duration, LogFormat, Origin, ProxyProtocol, Secret};
 
 /// Reads `path` into a layer; the error names the file, line and column.
 pub fn load(path: &Path) -> Result<Layer, String> {
-    Err(format!(
-        "cannot read {}: configuration files are not supported yet",
-        path.display()
-    ))
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; check the path and that tcpfwd's user may read it",
+            path.display()
+        )
+    })?;
+    parse(&text, path)
+}
+
+/// Parses the text of the file at `path` (relative paths in it are taken
+/// from `path`'s directory).
+pub fn parse(text: &str, path: &Path) -> Result<Layer, String> {
+    let src = Source::new(text, path);
+    let doc: TopDoc = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+    doc.into_layer(&src)
+}
+
+/// The file's text and where it lives, for positions and relative paths.
+struct Source<'a> {
+    text: &'a str,
+    path: &'a Path,
+    dir: PathBuf,
+}
+
+impl<'a> Source<'a> {
+    fn new(text: &'a str, path: &'a Path) -> Source<'a> {
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Source { text, path, dir }
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = self.text.get(..offset).unwrap_or(self.text);
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line = before.matches('\n').count() + 1;
+        let column = before[line_start..].chars().count() + 1;
+        (line, column)
+    }
+
+    fn origin(&self, span: &Range<usize>) -> Origin {
+        let (line, column) = self.position(span.start);
+        Origin::File {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+        }
+    }
+
+    /// `FILE:LINE:COLUMN: message`, then the line with the span underlined.
+    fn error(&self, span: &Range<usize>, message: impl fmt::Display) -> String {
+        let (line, column) = self.position(span.start);
+        let content = self.text.lines().nth(line - 1).unwrap_or("");
+        let gutter = line.to_string().len();
+        let start = column - 1;
+        let width = self
+            .text
+            .get(span.clone())
+            .map_or(1, |s| s.lines().next().unwrap_or("").chars().count().max(1));
+        let width = width.min(content.chars().count().saturating_sub(start).max(1));
+        format!(
+            "{}:{line}:{column}: {message}\n {line:>gutter$} | {content}\n {:gutter$} | {}{}",
+            self.path.display(),
+            "",
+            " ".repeat(start),
+            "^".repeat(width)
+        )
+    }
+
+    /// A path from the file, taken from the file's directory when relative.
+    fn path_of(&self, p: &Spanned<String>, key: &str) -> Result<PathBuf, String> {
+        if p.get_ref().is_empty() {
+            return Err(self.error(&p.span(), format!("`{key}` is empty: expected a file path")));
+        }
+        Ok(self.dir.join(p.get_ref()))
+    }
+
+    /// The toml crate's error, in our form: position, key, what is expected.
+    fn toml_error(&self, e: &toml::de::Error) -> String {
+        let msg = e.message().trim();
+        let span = e.span();
+        let text = if msg.starts_with("unknown field") {
+            unknown_key(msg)
+        } else if let Some(rest) = msg.strip_prefix("missing field ") {
+            let key = rest.trim_matches('`');
+            format!("missing key `{key}`{}", missing_hint(key))
+        } else if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
+            let what = readable_expectation(msg);
+            match span.as_ref().and_then(|s| self.key_at(s.start)) {
+                Some(key) => format!("`{key}`: {what}"),
+                None => what,
+            }
+        } else {
+            format!("invalid TOML: {}", msg.replace('\n', "; "))
+        };
+        match span {
+            Some(s) => self.error(&s, text),
+            None => format!("{}: {text}", self.path.display()),
+        }
+    }
+
+    /// The key whose value holds `offset`: the `KEY =` on its line, or on
+    /// the nearest line above it (for arrays over several lines).
+    fn key_at(&self, offset: usize) -> Option<String> {
+        let (line, _) = self.position(offset);
+        let lines: Vec<&str> = self.text.lines().take(line).collect();
+        for (i, l) in lines.iter().enumerate().rev() {
+            let t = l.trim_start();
+            if t.starts_with('[') && i + 1 != line {
+                return None;
+            }
+            if let Some((key, _)) = t.split_once('=') {
+                let key = key.trim();
+                if !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.\"'".contains(c))
+                {
+                    return Some(key.to_string());
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The keys each table allows, for suggestions and for "belongs in".
+const ROUTE_SETTINGS: &[&str] = &[
+    "handshake_timeout",
+    "connect_timeout",
+    "idle_timeout",
+    "close_timeout",
+    "proxy_protocol",
+    "alpn",
+];
+const TABLES: &[(&str, &[&str])] = &[
+    (
+        "the top level",
+        &[
+            "max_connections",
+            "threads",
+            "shutdown_timeout",
+            "cipher_preference",
+            "log_level",
+            "log_format",
+            "self_signed_names",
+            "state_dir",
+            "cert",
+            "acme",
+            "frontend",
+        ],
+    ),
+    ("[[frontend]]", &["listen", "route"]),
+    ("[[frontend.route]]", &["sni", "default", "backend"]),
+    ("[[cert]]", &["cert", "key"]),
+    (
+        "[acme]",
+        &[
+            "domains",
+            "email",
+            "directory",
+            "staging",
+            "ca_root",
+            "eab_kid",
+            "eab_hmac_key",
+        ],
+    ),
+];
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" with the nearest key.
+fn unknown_key(msg: &str) -> String {
+    let quoted: Vec<&str> = msg.split('`').skip(1).step_by(2).collect();
+    let Some((key, expected)) = quoted.split_first() else {
+        return msg.to_string();
+    };
+    let nearest = expected
+        .iter()
+        .map(|e| (edit_distance(key, e), *e))
+        .min()
+        .filter(|(d, e)| *d <= key.len().max(e.len()).div_ceil(3).max(1));
+    if let Some((_, near)) = nearest {
+        return format!("unknown key `{key}`; did you mean `{near}`?");
+    }
+    let elsewhere: Vec<&str> = TABLES
+        .iter()
+        .filter(|(_, keys)| keys.contains(key))
+        .map(|(t, _)| *t)
+        .chain(
+            ROUTE_SETTINGS
+                .contains(key)
+                .then_some("the top level, [[frontend]] or [[frontend.route]]"),
+        )
+        .collect();
+    if let Some(place) = elsewhere.first() {
+        return format!("key `{key}` is not allowed here; it belongs in {place}");
+    }
+    let valid: Vec<String> = expected.iter().map(|e| format!("`{e}`")).collect();
+    format!(
+        "unknown key `{key}`; the keys allowed here are {}",
+        valid.join(", ")
+    )
+}
+
+fn missing_hint(key: &str) -> &'static str {
+    match key {
+        "backend" => {
+            ": every [[frontend.route]] needs backend = \"HOST:PORT\", like \"nas.lan:5000\""
+        }
+        "listen" => {
+            ": every [[frontend]] needs listen = \"PORT\", \"IPV4:PORT\" or \"[IPV6]:PORT\""
+        }
+        "cert" | "key" => ": every [[cert]] needs both cert = \"FILE\" and key = \"FILE\"",
+        _ => "",
+    }
+}
+
+/// serde's type names in words a person reading a TOML file knows.
+fn readable_expectation(msg: &str) -> String {
+    msg.replace("expected i64", "expected a whole number")
+        .replace(
+            "expected a sequence",
+            "expected an array like [\"a\", \"b\"]",
+        )
+        .replace("expected a boolean", "expected true or false")
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(cur).min(row[j])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Declares a table that also takes the route settings (the top level, a
+/// frontend and a route); serde cannot `flatten` under `deny_unknown_fields`.
+macro_rules! with_route_settings {
+    (
+        $(#[$meta:meta])*
+        struct $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ty,)* }
+    ) => {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        $(#[$meta])*
+        struct $name {
+            $($(#[$fmeta])* $field: $ty,)*
+            handshake_timeout: Option<Spanned<String>>,
+            connect_timeout: Option<Spanned<String>>,
+            idle_timeout: Option<Spanned<String>>,
+            close_timeout: Option<Spanned<String>>,
+            proxy_protocol: Option<Spanned<String>>,
+            alpn: Option<Vec<Spanned<String>>>,
+        }
+
+        impl $name {
+            fn settings(&self, src: &Source) -> Result<RouteSettings, String> {
+                Ok(RouteSettings {
+                    handshake_timeout: timeout(src, "handshake_timeout", &self.handshake_timeout)?,
+                    connect_timeout: timeout(src, "connect_timeout", &self.connect_timeout)?,
+                    idle_timeout: self
+                        .idle_timeout
+                        .as_ref()
+                        .map(|v| off_or(v, |v| positive(src, "idle_timeout", v)))
+                        .transpose()?,
+                    close_timeout: timeout(src, "close_timeout", &self.close_timeout)?,
+                    proxy_protocol: self
+                        .proxy_protocol
+                        .as_ref()
+                        .map(|v| {
+                            off_or(v, |v| {
+                                choice::<ProxyProtocol>(src, "proxy_protocol", v, "\"v1\", \"v2\" or \"off\"")
+                            })
+                        })
+                        .transpose()?,
+                    alpn: self.alpn.as_ref().map(|list| alpn(src, list)).transpose()?,
+                })
+            }
+        }
+    };
+}
+
+with_route_settings! {
+    /// The top level: process-wide settings and defaults for every route.
+    #[serde(expecting = "a TOML document")]
+    struct TopDoc {
+        max_connections: Option<Spanned<i64>>,
+        threads: Option<Spanned<i64>>,
+        shutdown_timeout: Option<Spanned<String>>,
+        cipher_preference: Option<Spanned<String>>,
+        log_level: Option<Spanned<String>>,
+        log_format: Option<Spanned<String>>,
+        self_signed_names: Option<Vec<Spanned<String>>>,
+        state_dir: Option<Spanned<String>>,
+        cert: Option<Vec<CertDoc>>,
+        acme: Option<Spanned<AcmeDoc>>,
+        frontend: Option<Vec<Spanned<FrontendDoc>>>,
+    }
+}
+
+with_route_settings! {
+    /// `[[frontend]]`: a listening address, defaults for its routes, the routes.
+    #[serde(expecting = "a [[frontend]] table")]
+    struct FrontendDoc {
+        listen: Spanned<String>,
+        route: Option<Vec<Spanned<RouteDoc>>>,
+    }
+}
+
+with_route_settings! {
+    /// `[[frontend.route]]`: which names reach which backend.
+    #[serde(expecting = "a [[frontend.route]] table")]
+    struct RouteDoc {
+        sni: Option<Vec<Spanned<String>>>,
+        default: Option<bool>,
+        backend: Spanned<String>,
+    }
+}
+
+/// `[[cert]]`: one PEM chain and its key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[cert]] table with cert and key")]
+struct CertDoc {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+}
+
+/// `[acme]`: its presence turns ACME on. No `Debug`: it holds the EAB key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [acme] table")]
+struct AcmeDoc {
+    domains: Option<Vec<Spanned<String>>>,
+    email: Option<Spanned<String>>,
+    directory: Option<Spanned<String>>,
+    staging: Option<bool>,
+    ca_root: Option<Spanned<String>>,
+    eab_kid: Option<String>,
+    eab_hmac_key: Option<String>,
+}
+
+const DURATION_FORM: &str = "expected a duration like 500ms, 10s, 5m or 1h30m";
+
+fn duration(src: &Source, key: &str, v: &Spanned<String>) -> Result<Duration, String> {
+    v.get_ref().parse::<Duration>().map_err(|_| {
+        src.error(
+            &v.span(),
+            format!("`{key}` = \"{}\": {DURATION_FORM}", v.get_ref()),
+        )
+    })
+}
+
+fn positive(src: &Source, key: &str, v: &Spanned<String>) -> Result<Duration, String> {
+    let d = duration(src, key, v)?;
+    if d.0.is_zero() {
+        return Err(src.error(
+            &v.span(),
+            format!("`{key}` must be more than 0: {DURATION_FORM}"),
+        ));
+    }
+    Ok(d)
+}
+
+fn timeout(
+    src: &Source,
+    key: &str,
+    v: &Option<Spanned<String>>,
+) -> Result<Option<Duration>, String> {
+    v.as_ref().map(|v| positive(src, key, v)).transpose()
+}
+
+/// `"off"` turns an inherited setting off; anything else goes to `parse`.
+fn off_or<T>(
+    v: &Spanned<String>,
+    parse: impl FnOnce(&Spanned<String>) -> Result<T, String>,
+) -> Result<Option<T>, String> {
+    if v.get_ref() == "off" {
+        Ok(None)
+    } else {
+        parse(v).map(Some).map_err(|e| {
+            // Say that "off" is allowed too, where the message lists the forms.
+            e.replacen(DURATION_FORM, &format!("{DURATION_FORM}, or \"off\""), 1)
+        })
+    }
+}
+
+/// One of an enum's names, by its `FromStr`.
+fn choice<T: std::str::FromStr>(
+    src: &Source,
+    key: &str,
+    v: &Spanned<String>,
+    expected: &str,
+) -> Result<T, String> {
+    v.get_ref().parse::<T>().map_err(|_| {
+        src.error(
+            &v.span(),
+            format!("`{key}` = \"{}\": expected {expected}", v.get_ref()),
+        )
+    })
+}
+
+fn alpn(src: &Source, list: &[Spanned<String>]) -> Result<Vec<String>, String> {
+    list.iter()
+        .map(|p| {
+            let len = p.get_ref().len();
+            if len == 0 || len > 255 {
+                Err(src.error(
+                    &p.span(),
+                    "`alpn`: expected a protocol name of 1 to 255 bytes, like \"http/1.1\"",
+                ))
+            } else {
+                Ok(p.get_ref().clone())
+            }
+        })
+        .collect()
+}
+
+fn in_range(src: &Source, key: &str, v: &Spanned<i64>, max: i64) -> Result<i64, String> {
+    let n = *v.get_ref();
+    if (1..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(src.error(
+            &v.span(),
+            format!("`{key}` = {n} is out of range: expected 1 to {max}"),
+        ))
+    }
+}
+
+impl TopDoc {
+    fn into_layer(self, src: &Source) -> Result<Layer, String> {
+        let defaults = self.settings(src)?;
+        let max_connections = match &self.max_connections {
+            Some(v) => Some(
+                u32::try_from(in_range(
+                    src,
+                    "max_connections",
+                    v,
+                    i64::from(MAX_CONNECTIONS),
+                )?)
+                .map_err(|_| src.error(&v.span(), "`max_connections` is out of range"))?,
+            ),
+            None => None,
+        };
+        let threads = match &self.threads {
+            Some(v) => Some(
+                u16::try_from(in_range(src, "threads", v, i64::from(MAX_THREADS))?)
+                    .map_err(|_| src.error(&v.span(), "`threads` is out of range"))?,
+            ),
+            None => None,
+        };
+        let log_level = match &self.log_level {
+            Some(v) => {
+                let level = v.get_ref().to_ascii_lowercase();
+                if !["error", "warn", "info", "debug", "trace", "off"].contains(&level.as_str()) {
+                    return Err(src.error(
+                        &v.span(),
+                        format!(
+                            "`log_level` = \"{}\": expected error, warn, info, debug or trace",
+                            v.get_ref()
+                        ),
+                    ));
+                }
+                Some(level)
+            }
+            None => None,
+        };
+        let mut certs = Vec::new();
+        for c in self.cert.iter().flatten() {
+            certs.push(CertPair {
+                cert: src.path_of(&c.cert, "cert")?,
+                key: src.path_of(&c.key, "key")?,
+            });
+        }
+        if let (Some(a), false) = (&self.acme, certs.is_empty()) {
+            return Err(src.error(
+                &a.span(),
+                "[acme] and [[cert]] both say where the certificates come from: keep one",
+            ));
+        }
+        let mut frontends = Vec::new();
+        for f in self.frontend.iter().flatten() {
+            frontends.push(frontend(src, f)?);
+        }
+        Ok(Layer {
+            frontends,
+            defaults,
+            certs,
+            self_signed_names: self
+                .self_signed_names
+                .iter()
+                .flatten()
+                .map(|n| n.get_ref().clone())
+                .collect(),
+            acme: match &self.acme {
+                Some(a) => acme(src, a)?,
+                None => AcmeLayer::default(),
+            },
+            state_dir: self
+                .state_dir
+                .as_ref()
+                .map(|d| src.path_of(d, "state_dir"))
+                .transpose()?,
+            cipher_preference: self
+                .cipher_preference
+                .as_ref()
+                .map(|v| {
+                    choice::<CipherPreference>(
+                        src,
+                        "cipher_preference",
+                        v,
+                        "\"auto\", \"aes\" or \"chacha\"",
+                    )
+                })
+                .transpose()?,
+            shutdown_timeout: self
+                .shutdown_timeout
+                .as_ref()
+                .map(|v| duration(src, "shutdown_timeout", v))
+                .transpose()?,
+            max_connections,
+            threads,
+            log_level,
+            log_format: self
+                .log_format
+                .as_ref()
+                .map(|v| choice::<LogFormat>(src, "log_format", v, "\"text\" or \"json\""))
+                .transpose()?,
+            file: Some(src.path.to_path_buf()),
+        })
+    }
+}
+
+fn frontend(src: &Source, f: &Spanned<FrontendDoc>) -> Result<FrontendSpec, String> {
+    let doc = f.get_ref();
+    let listen = parse_listen(doc.listen.get_ref())
+        .map_err(|why| src.error(&doc.listen.span(), format!("`listen`: {why}")))?;
+    let mut routes = Vec::new();
+    for r in doc.route.iter().flatten() {
+        routes.push(route(src, r)?);
+    }
+    Ok(FrontendSpec {
+        listen,
+        settings: doc.settings(src)?,
+        routes,
+        origin: src.origin(&f.span()),
+    })
+}
+
+fn route(src: &Source, r: &Spanned<RouteDoc>) -> Result<RouteSpec, String> {
+    let doc = r.get_ref();
+    let backend = parse_backend(doc.backend.get_ref())
+        .map_err(|why| src.error(&doc.backend.span(), format!("`backend`: {why}")))?;
+    let mut names = Vec::new();
+    for n in doc.sni.iter().flatten() {
+        names.push(
+            parse_route_name(n.get_ref())
+                .map_err(|why| src.error(&n.span(), format!("`sni`: {why}")))?,
+        );
+    }
+    Ok(RouteSpec {
+        names,
+        default: doc.default.unwrap_or(false),
+        backend,
+        settings: doc.settings(src)?,
+        origin: src.origin(&r.span()),
+    })
+}
+
+fn acme(src: &Source, a: &Spanned<AcmeDoc>) -> Result<AcmeLayer, String> {
+    let doc = a.get_ref();
+    let mut domains = Vec::new();
+    for d in doc.domains.iter().flatten() {
+        let name = d.get_ref().trim_end_matches('.').to_ascii_lowercase();
+        let why = if name.starts_with("*.") {
+            Some("TLS-ALPN-01 cannot prove wildcard names; list each name")
+        } else if name.parse::<std::net::IpAddr>().is_ok() {
+            Some("an IP address; expected the DNS name that points here")
+        } else if !valid_hostname(&name) || !name.contains('.') {
+            Some("expected a fully qualified DNS name like cams.example.org")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(src.error(&d.span(), format!("`domains`: '{}': {why}", d.get_ref())));
+        }
+        domains.push(name);
+    }
+    if let Some(e) = &doc.email {
+        let text = e.get_ref();
+        if !text.contains('@') || text.contains(char::is_whitespace) {
+            return Err(src.error(
+                &e.span(),
+                format!("`email` = \"{text}\": expected an address like me@example.org"),
+            ));
+        }
+    }
+    if let Some(d) = &doc.directory {
+        if !d.get_ref().starts_with("https://") {
+            return Err(src.error(
+                &d.span(),
+                format!(
+                    "`directory` = \"{}\": expected an https:// URL",
+                    d.get_ref()
+                ),
+            ));
+        }
+        if doc.staging == Some(true) {
+            return Err(src.error(
+                &d.span(),
+                "`directory` and `staging = true` both choose the CA: keep one",
+            ));
+        }
+    }
+    if doc.eab_kid.is_some() != doc.eab_hmac_key.is_some() {
+        return Err(src.error(
+            &a.span(),
+            "external account binding needs both `eab_kid` and `eab_hmac_key` in [acme]",
+        ));
+    }
+    Ok(AcmeLayer {
+        enabled: true,
+        domains,
+        email: doc.email.as_ref().map(|e| e.get_ref().clone()),
+        directory: doc.directory.as_ref().map(|d| d.get_ref().clone()),
+        staging: doc.staging,
+        ca_root: doc
+            .ca_root
+            .as_ref()
+            .map(|p| src.path_of(p, "ca_root"))
+            .transpose()?,
+        eab_kid: doc.eab_kid.clone(),
+        eab_hmac_key: doc.eab_hmac_key.clone().map(Secret),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{layer, Backend, BackendHost, CertSource, Listen};
+
+    const FULL: &str = r#"# top level
+max_connections = 512
+threads = 2
+shutdown_timeout = "20s"
+cipher_preference = "chacha"
+log_level = "debug"
+log_format = "json"
+handshake_timeout = "9s"
+connect_timeout = "4s"
+idle_timeout = "10m"
+close_timeout = "50s"
+proxy_protocol = "v2"
+alpn = ["http/1.1"]
+self_signed_names = ["dvr.local"]
+state_dir = "state"
+
+[acme]
+domains = ["Cams.Example.org."]
+email = "me@example.org"
+directory = "https://ca.example/dir"
+staging = false
+ca_root = "root.pem"
+eab_kid = "kid"
+eab_hmac_key = "c2VjcmV0"
+
+[[frontend]]
+listen = "127.0.0.1:443"
+idle_timeout = "1h"
+  [[frontend.route]]
+  sni = ["nas.example.org", "*.nas.example.org"]
+  default = true
+  backend = "nas.lan:5000"
+  proxy_protocol = "v1"
+  handshake_timeout = "1s"
+  connect_timeout = "2s"
+  idle_timeout = "off"
+  close_timeout = "3s"
+  alpn = []
+
+[[frontend]]
+listen = "[::1]:7682"
+"#;
+
+    fn path() -> &'static Path {
+        Path::new("/etc/tcpfwd/tcpfwd.toml")
+    }
+
+    fn d(s: &str) -> Duration {
+        s.parse().unwrap()
+    }
+
+    fn at(line: usize, column: usize) -> Origin {
+        Origin::File {
+            path: path().to_path_buf(),
+            line,
+            column,
+        }
+    }
+
+    #[test]
+    fn full_example_parses_to_the_layer() {
+        let l = parse(FULL, path()).unwrap();
+        let expected = Layer {
+            frontends: vec![
+                FrontendSpec {
+                    listen: Listen {
+                        addr: Some("127.0.0.1".parse().unwrap()),
+                        port: 443,
+                    },
+                    settings: RouteSettings {
+                        idle_timeout: Some(Some(d("1h"))),
+                        ..RouteSettings::default()
+                    },
+                    routes: vec![RouteSpec {
+                        names: vec!["nas.example.org".into(), "*.nas.example.org".into()],
+                        default: true,
+                        backend: Backend {
+                            host: BackendHost::Name("nas.lan".into()),
+                            port: 5000,
+                        },
+                        settings: RouteSettings {
+                            handshake_timeout: Some(d("1s")),
+                            connect_timeout: Some(d("2s")),
+                            idle_timeout: Some(None),
+                            close_timeout: Some(d("3s")),
+                            proxy_protocol: Some(Some(ProxyProtocol::V1)),
+                            alpn: Some(vec![]),
+                        },
+                        origin: at(29, 3),
+                    }],
+                    origin: at(26, 1),
+                },
+                FrontendSpec {
+                    listen: Listen {
+                        addr: Some("::1".parse().unwrap()),
+                        port: 7682,
+                    },
+                    settings: RouteSettings::default(),
+                    routes: vec![],
+                    origin: at(40, 1),
+                },
+            ],
+            defaults: RouteSettings {
+                handshake_timeout: Some(d("9s")),
+                connect_timeout: Some(d("4s")),
+                idle_timeout: Some(Some(d("10m"))),
+                close_timeout: Some(d("50s")),
+                proxy_protocol: Some(Some(ProxyProtocol::V2)),
+                alpn: Some(vec!["http/1.1".into()]),
+            },
+            certs: vec![],
+            self_signed_names: vec!["dvr.local".into()],
+            acme: AcmeLayer {
+                enabled: true,
+                domains: vec!["cams.example.org".into()],
+                email: Some("me@example.org".into()),
+                directory: Some("https://ca.example/dir".into()),
+                staging: Some(false),
+                ca_root: Some("/etc/tcpfwd/root.pem".into()),
+                eab_kid: Some("kid".into()),
+                eab_hmac_key: Some(Secret("c2VjcmV0".into())),
+            },
+            state_dir: Some("/etc/tcpfwd/state".into()),
+            cipher_preference: Some(CipherPreference::Chacha),
+            shutdown_timeout: Some(d("20s")),
+            max_connections: Some(512),
+            threads: Some(2),
+            log_level: Some("debug".into()),
+            log_format: Some(LogFormat::Json),
+            file: Some(path().to_path_buf()),
+        };
+        assert_eq!(l, expected);
+        assert!(!format!("{l:?}").contains("c2VjcmV0"), "secret in Debug");
+        // The frontend without routes is refused by the merge, with its place.
+        let e = layer::build(Some(l), Layer::default()).unwrap_err();
+        assert!(
+            e.contains("[::1]:7682 (/etc/tcpfwd/tcpfwd.toml:40:1) has no routes"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cert_pairs_with_paths_from_the_files_directory() {
+        let l = parse(
+            "[[cert]]\ncert = \"/etc/ssl/dvr.pem\"\nkey = \"dvr.key\"\n[[cert]]\ncert = \"nas.pem\"\nkey = \"/k/nas.key\"\n",
+            path(),
+        )
+        .unwrap();
+        assert_eq!(
+            l.certs,
+            [
+                CertPair {
+                    cert: "/etc/ssl/dvr.pem".into(),
+                    key: "/etc/tcpfwd/dvr.key".into(),
+                },
+                CertPair {
+                    cert: "/etc/tcpfwd/nas.pem".into(),
+                    key: "/k/nas.key".into(),
+                },
+            ]
+        );
+        assert!(!l.acme.enabled);
+    }
+
+    #[test]
+    fn shipped_example_parses_and_builds() {
+        let text = include_str!("../../scripts/tcpfwd.toml");
+        let l = parse(text, path()).unwrap();
+        assert_eq!(l.frontends.len(), 2);
+        assert_eq!(l.frontends[0].routes.len(), 2);
+        assert!(l.acme.enabled);
+        let c = layer::build(Some(l), Layer::default()).unwrap();
+        let CertSource::Acme(a) = &c.cert else {
+            panic!("{c:?}")
+        };
+        assert_eq!(a.domains, ["cams.example.org", "nas.example.org"]);
+        let nas = &c.frontends[0].routes[1];
+        assert_eq!(nas.label(), "nas.example.org");
+        assert_eq!(
+            nas.timeouts.idle,
+            Some(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(nas.timeouts.connect, std::time::Duration::from_secs(3));
+        assert_eq!(c.frontends[1].routes[0].timeouts.idle, None);
+    }
+
+    /// Parses `text`, expects an error at `line:column` containing each of `want`.
+    fn fails(text: &str, line: usize, column: usize, want: &[&str]) -> String {
+        let e = parse(text, path()).unwrap_err();
+        let prefix = format!("/etc/tcpfwd/tcpfwd.toml:{line}:{column}: ");
+        assert!(e.starts_with(&prefix), "want {prefix:?} in:\n{e}");
+        for w in want {
+            assert!(e.contains(w), "want {w:?} in:\n{e}");
+        }
+        // The offending line is quoted under the message.
+        let quoted = text.lines().nth(line - 1).unwrap();
+        assert!(e.contains(&format!("{line} | {quoted}")), "{e}");
+        e
+    }
+
+    #[test]
+    fn syntax_error() {
+        fails("threads = 2\nlog_level = info\n", 2, 13, &["invalid TOML"]);
+        fails("[[frontend]\n", 1, 12, &["invalid TOML"]);
+    }
+
+    #[test]
+    fn unknown_keys_suggest_the_nearest() {
+        let e = fails(
+            "idle_timout = \"5s\"\n",
+            1,
+            1,
+            &["unknown key `idle_timout`; did you mean `idle_timeout`?"],
+        );
+        assert!(e.contains("^^^^^^^^^^^"), "{e}");
+        fails(
+            "[[frontend]]\nlisten = \"443\"\n  [[frontend.route]]\n  bakend = \"a:1\"\n",
+            4,
+            3,
+            &["unknown key `bakend`; did you mean `backend`?"],
+        );
+        fails(
+            "[acme]\nemial = \"me@example.org\"\n",
+            2,
+            1,
+            &["did you mean `email`?"],
+        );
+        fails(
+            "[[frontend]]\nlisten = \"443\"\nbackend = \"a:1\"\n",
+            3,
+            1,
+            &["key `backend` is not allowed here; it belongs in [[frontend.route]]"],
+        );
+        fails(
+            "colour = \"blue\"\n",
+            1,
+            1,
+            &[
+                "unknown key `colour`; the keys allowed here are",
+                "`max_connections`",
+            ],
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        fails(
+            "max_connections = \"many\"\n",
+            1,
+            19,
+            &["`max_connections`: invalid type", "expected a whole number"],
+        );
+        fails(
+            "[[frontend]]\nlisten = 443\n",
+            2,
+            10,
+            &["`listen`: invalid type", "expected a string"],
+        );
+        fails(
+            "[[frontend]]\nlisten = \"1\"\n[[frontend.route]]\nsni = [\n  \"a.org\",\n  3,\n]\nbackend = \"a:1\"\n",
+            6,
+            3,
+            &["`sni`: invalid type"],
+        );
+        fails(
+            "self_signed_names = \"a\"\n",
+            1,
+            21,
+            &["`self_signed_names`", "array"],
+        );
+        fails(
+            "[[frontend]]\nlisten = \"1\"\n[[frontend.route]]\nsni = [\"a.org\"]\n",
+            3,
+            1,
+            &["missing key `backend`", "HOST:PORT"],
+        );
+        fails(
+            "threads = 0\n",
+            1,
+            11,
+            &["`threads` = 0 is out of range: expected 1 to 1024"],
+        );
+    }
+
+    #[test]
+    fn bad_durations() {
+        fails(
+            "handshake_timeout = \"10\"\n",
+            1,
+            21,
+            &[
+                "`handshake_timeout` = \"10\"",
+                "expected a duration like 500ms, 10s, 5m or 1h30m",
+            ],
+        );
+        fails(
+            "[[frontend]]\nlisten = \"1\"\nidle_timeout = \"forever\"\n",
+            3,
+            16,
+            &["`idle_timeout` = \"forever\"", "1h30m, or \"off\""],
+        );
+        fails(
+            "close_timeout = \"0s\"\n",
+            1,
+            17,
+            &["`close_timeout` must be more than 0"],
+        );
+    }
+
+    #[test]
+    fn bad_listen_backend_and_sni() {
+        fails(
+            "[[frontend]]\nlisten = \"dvr:443\"\n",
+            2,
+            10,
+            &[
+                "`listen`: invalid listen address 'dvr:443'",
+                "PORT, IPV4:PORT or [IPV6]:PORT",
+            ],
+        );
+        let route =
+            |line: &str| format!("[[frontend]]\nlisten = \"1\"\n[[frontend.route]]\n{line}\n");
+        fails(
+            &route("backend = \"nas.lan\""),
+            4,
+            11,
+            &["`backend`: invalid backend 'nas.lan'", "HOST:PORT"],
+        );
+        fails(
+            &format!(
+                "{}sni = [\"ok.org\", \"a..b\"]\n",
+                route("backend = \"a:1\"")
+            ),
+            5,
+            18,
+            &["`sni`: route name 'a..b'", "nas.example.org"],
+        );
+    }
+
+    #[test]
+    fn bad_enums() {
+        fails(
+            "cipher_preference = \"fast\"\n",
+            1,
+            21,
+            &["`cipher_preference` = \"fast\": expected \"auto\", \"aes\" or \"chacha\""],
+        );
+        fails(
+            "proxy_protocol = \"v3\"\n",
+            1,
+            18,
+            &["`proxy_protocol` = \"v3\": expected \"v1\", \"v2\" or \"off\""],
+        );
+        fails(
+            "log_format = \"xml\"\n",
+            1,
+            14,
+            &["`log_format`", "\"text\" or \"json\""],
+        );
+        fails("log_level = \"loud\"\n", 1, 13, &["`log_level`", "debug"]);
+        fails(
+            "[acme]\ndirectory = \"http://ca\"\n",
+            2,
+            13,
+            &["`directory`", "https://"],
+        );
+        fails(
+            "[[cert]]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[acme]\n",
+            4,
+            1,
+            &["[acme] and [[cert]]", "keep one"],
+        );
+        fails(
+            "[acme]\ndomains = [\"*.example.org\"]\n",
+            2,
+            12,
+            &["`domains`", "wildcard"],
+        );
+    }
+
+    #[test]
+    fn columns_count_characters_and_unreadable_files_say_so() {
+        fails("# é\n[[frontend]]\nlisten = \"é\"\n", 3, 10, &["`listen`"]);
+        let e = load(Path::new("/nonexistent/tcpfwd.toml")).unwrap_err();
+        assert!(
+            e.starts_with("cannot read /nonexistent/tcpfwd.toml: ")
+                && e.contains("check the path and that tcpfwd's user may read it"),
+            "{e}"
+        );
+    }
 }
