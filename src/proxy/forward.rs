@@ -183,45 +183,49 @@ async fn run(
     // connection: their state (several KiB in rustls) is on the heap only
     // while it exists, instead of sizing every connection's task for the
     // largest state it ever passes through (7.5 KiB unboxed, measured).
-    // The route table is taken once, when the ClientHello is in: the
-    // connection keeps that route whatever a reload does later.
-    let mut table = None;
-    let hello = Box::pin(async {
-        let t = table.insert(frontend.table());
-        timeout(t.hello_timeout, conn::read_hello(tcp)).await
-    });
-    let hello = match hello.await {
-        Err(_) => return End::HandshakeTimeout,
-        Ok(Err(e)) => return End::HandshakeFailed(e),
-        Ok(Ok(h)) => h,
-    };
-    let Some(table) = table else {
-        return End::HandshakeTimeout;
-    };
-    let (config, route) = {
-        let client_hello = hello.client_hello();
-        seen.sni = client_hello.server_name().map(str::to_owned);
-        match ctx.challenges.challenge_for(&client_hello) {
-            Some(config) => (config, None),
-            None => match table.pick(seen.sni.as_deref()) {
-                Some(route) => (route.tls.clone(), Some(route.clone())),
-                None => {
-                    seen.frontend = Some(table.describe.clone());
-                    let _ = timeout(Duration::from_secs(1), hello.refuse_unrecognized_name()).await;
-                    return End::NoRoute;
-                }
-            },
+    // All of it in one boxed future: the ClientHello's state (`Hello` holds
+    // rustls's `Accepted`) must not size the connection's own task, which
+    // lives as long as the connection (4 KiB per idle connection, measured).
+    let handshake = Box::pin(async {
+        let limit = frontend.table().hello_timeout;
+        let hello = match timeout(limit, conn::read_hello(tcp)).await {
+            Err(_) => return Err(End::HandshakeTimeout),
+            Ok(Err(e)) => return Err(End::HandshakeFailed(e)),
+            Ok(Ok(h)) => h,
+        };
+        // The table as it is now that the ClientHello is in: the connection
+        // keeps this route whatever a reload does later.
+        let table = frontend.table();
+        let (config, route) = {
+            let client_hello = hello.client_hello();
+            seen.sni = client_hello.server_name().map(str::to_owned);
+            match ctx.challenges.challenge_for(&client_hello) {
+                Some(config) => (config, None),
+                None => match table.pick(seen.sni.as_deref()) {
+                    Some(route) => (route.tls.clone(), Some(route.clone())),
+                    None => {
+                        seen.frontend = Some(table.describe.clone());
+                        let _ =
+                            timeout(Duration::from_secs(1), hello.refuse_unrecognized_name()).await;
+                        return Err(End::NoRoute);
+                    }
+                },
+            }
+        };
+        seen.route = route.clone();
+        // The route's handshake limit counts from the accept, the hello included.
+        let limit = route
+            .as_ref()
+            .map_or(table.hello_timeout, |r| r.route.timeouts.handshake);
+        match timeout_at(started + limit, hello.handshake(config)).await {
+            Err(_) => Err(End::HandshakeTimeout),
+            Ok(Err(e)) => Err(End::HandshakeFailed(e)),
+            Ok(Ok(stream)) => Ok((Box::new(stream), route)),
         }
-    };
-    seen.route = route.clone();
-    // The route's handshake limit counts from the accept, the hello included.
-    let limit = route
-        .as_ref()
-        .map_or(table.hello_timeout, |r| r.route.timeouts.handshake);
-    let mut client = match timeout_at(started + limit, Box::pin(hello.handshake(config))).await {
-        Err(_) => return End::HandshakeTimeout,
-        Ok(Err(e)) => return End::HandshakeFailed(e),
-        Ok(Ok(stream)) => Box::new(stream),
+    });
+    let (mut client, route) = match handshake.await {
+        Err(end) => return end,
+        Ok(done) => done,
     };
     let Some(route) = route else {
         let _ = timeout(
