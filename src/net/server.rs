@@ -121,7 +121,7 @@ impl ServerHandle {
     /// started (the socket closes when `listener` is dropped).
     pub fn add(&self, listener: Listener) -> io::Result<()> {
         let inner = &self.inner;
-        let gone = || io::Error::new(io::ErrorKind::Other, "the server is shutting down");
+        let gone = || io::Error::other("the server is shutting down");
         if *inner.shared.stop_accept.borrow() {
             return Err(gone());
         }
@@ -216,7 +216,9 @@ impl Server {
         };
 
         let mut threads = Vec::new();
-        let mut workers = vec![tokio::runtime::Handle::current()];
+        // The calling thread is worker 0: its event loop is the one we are on.
+        let here = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let mut workers = vec![here];
         for i in 1..limits.workers.max(1) {
             match start_worker(i, &finished) {
                 Ok((t, rt)) => {
