@@ -107,7 +107,7 @@ impl Reloader {
             if let Err(e) = self.server.add(l) {
                 for (listen, _, _) in &started {
                     if let Some(c) = self.server.remove(*listen) {
-                        c.wait().await;
+                        let _ = tokio::time::timeout(CLOSE_WAIT, c.wait()).await;
                     }
                 }
                 return Err(anyhow::Error::new(e).context(format!(
