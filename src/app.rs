@@ -11,7 +11,7 @@ use crate::config::layer::Layer;
 use crate::config::{CertSource, Config};
 use crate::net::activation::{self, Passed};
 use crate::net::listener::{self, Listener};
-use crate::net::server::{Limits, Server};
+use crate::net::server::{Limits, Server, ServerHandle};
 use crate::net::sys;
 use crate::proxy::forward::Context;
 use crate::proxy::routes::{FrontendHandle, RouteTable, TableBuilder};
@@ -44,14 +44,18 @@ pub struct Served {
 }
 
 impl Served {
-    /// The frontends and routes for `STATUS=`: "ADDR -> BACKEND" per route.
-    pub fn status_maps(&self, listeners: &[std::net::SocketAddr]) -> Vec<String> {
+    /// The frontends and routes for `STATUS=`: "ADDR -> BACKEND" per route,
+    /// ADDR being each socket the server accepts on for that frontend.
+    pub fn status_maps(&self, server: &ServerHandle) -> Vec<String> {
         let mut out = Vec::new();
-        for (f, addr) in self.frontends.iter().zip(listeners) {
-            for r in f.table().routes() {
-                match r.route.names.first() {
-                    None => out.push(format!("{addr} -> {}", r.route.backend)),
-                    Some(_) => out.push(format!("{addr} {} -> {}", r.label, r.route.backend)),
+        for f in &self.frontends {
+            let table = f.table();
+            for addr in server.local_addrs(f.listen) {
+                for r in table.routes() {
+                    match r.route.names.first() {
+                        None => out.push(format!("{addr} -> {}", r.route.backend)),
+                        Some(_) => out.push(format!("{addr} {} -> {}", r.label, r.route.backend)),
+                    }
                 }
             }
         }
@@ -226,15 +230,16 @@ pub async fn run_with(
         workers: config.workers,
     };
     let workers = config.workers;
+    let activated = systemd.sockets.is_some();
     let prepared = prepare_with(config, systemd.sockets)?;
     let notifier = systemd.notifier;
-    let addrs: Vec<std::net::SocketAddr> =
-        prepared.listeners.iter().map(|l| l.local_addr).collect();
+    let server = Server::start(prepared.listeners, prepared.ctx.clone(), limits)
+        .context("starting the worker threads")?;
     let status = Status::new(
         notifier.clone(),
         prepared.served.resolver.clone(),
         matches!(prepared.served.config.cert, CertSource::SelfSigned { .. }),
-        prepared.served.status_maps(&addrs),
+        prepared.served.status_maps(&server.handle()),
     );
     // The listeners are up, so the CA's validation can reach them.
     if let Some(task) = prepared.acme {
@@ -250,13 +255,12 @@ pub async fn run_with(
         reloader: Reloader {
             cli,
             served: prepared.served,
-            addrs,
+            server: server.handle(),
+            activated,
         },
         notifier: notifier.clone(),
         status: status.clone(),
     };
-    let server = Server::start(prepared.listeners, prepared.ctx, limits)
-        .context("starting the worker threads")?;
     tracing::info!(status = %status.line(), workers, "ready");
     status.ready();
     let reloading = tokio::spawn(reloads.run());

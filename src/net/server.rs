@@ -7,16 +7,21 @@
 //! and no wake-ups across threads on the per-connection path, as in nginx's
 //! worker processes. An accept loop only accepts and spawns; everything slow
 //! happens in the connection's own task, so a slow client never stalls accepts.
+//!
+//! A [`ServerHandle`] adds and removes listening sockets while the server runs
+//! (reloads that add or remove frontends): an added socket gets an accept loop
+//! on every worker, a removed one has all its loops stopped and is closed,
+//! while the connections it accepted go on to their end.
 
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::config::Listen;
 use crate::net::listener::Listener;
 use crate::proxy::forward::{self, Context};
 
@@ -53,6 +58,140 @@ pub struct Server {
     /// Closed when every worker's accept loops have ended.
     accepting: mpsc::Receiver<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    handle: ServerHandle,
+}
+
+/// Adds and removes listening sockets while the server runs; cheap to clone.
+#[derive(Clone)]
+pub struct ServerHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    /// Every worker's event loop, the calling thread's first.
+    workers: Vec<tokio::runtime::Handle>,
+    shared: Shared,
+    /// Lets added loops hold an `accepting` sender without keeping
+    /// `run_until` from seeing the last one go: once every loop has ended at
+    /// shutdown, nothing can be added.
+    accepting: mpsc::WeakSender<()>,
+    /// The sockets accepting now, by the frontend they serve.
+    open: Mutex<Vec<Open>>,
+}
+
+/// One listening socket's accept loops (one per worker).
+struct Open {
+    listen: Listen,
+    local_addr: std::net::SocketAddr,
+    /// Set (or dropped) to stop exactly these loops.
+    stop: watch::Sender<bool>,
+    /// `recv` gives None once every loop has closed its copy of the socket.
+    closed: mpsc::Receiver<()>,
+}
+
+/// Resolves once every copy of the removed sockets is closed.
+pub struct Closing {
+    /// The listening addresses that were removed.
+    pub addrs: Vec<std::net::SocketAddr>,
+    closed: Vec<mpsc::Receiver<()>>,
+}
+
+impl Closing {
+    /// Waits until the ports are free: no worker accepts on them any more.
+    pub async fn wait(mut self) {
+        for c in &mut self.closed {
+            let _ = c.recv().await;
+        }
+    }
+}
+
+/// The stop signals of one socket's accept loops.
+#[derive(Clone)]
+struct LoopSignals {
+    /// The server's `accepting` counter (see `Server::accepting`).
+    accepting: mpsc::Sender<()>,
+    /// This socket's own stop (a removal).
+    removed: watch::Receiver<bool>,
+    /// Dropped when this socket's loop ends (for `Closing`).
+    closed: mpsc::Sender<()>,
+}
+
+impl ServerHandle {
+    /// Starts accepting on `listener` on every worker. Errors leave nothing
+    /// started (the socket closes when `listener` is dropped).
+    pub fn add(&self, listener: Listener) -> io::Result<()> {
+        let inner = &self.inner;
+        let gone = || io::Error::other("the server is shutting down");
+        if *inner.shared.stop_accept.borrow() {
+            return Err(gone());
+        }
+        let accepting = inner.accepting.upgrade().ok_or_else(gone)?;
+        // One dup per worker, each registered with that worker's event loop,
+        // all made before any loop starts so that a failure starts none.
+        let mut dups = Vec::with_capacity(inner.workers.len());
+        for rt in &inner.workers {
+            let _in_worker = rt.enter();
+            dups.push(listener.try_clone()?);
+        }
+        let (stop, removed) = watch::channel(false);
+        let (closed_tx, closed) = mpsc::channel(1);
+        let signals = LoopSignals {
+            accepting,
+            removed,
+            closed: closed_tx,
+        };
+        let listen = listener.frontend.listen;
+        let local_addr = listener.local_addr;
+        drop(listener);
+        for (rt, l) in inner.workers.iter().zip(dups) {
+            rt.spawn(accept_loop(l, inner.shared.clone(), signals.clone()));
+        }
+        lock(&inner.open).push(Open {
+            listen,
+            local_addr,
+            stop,
+            closed,
+        });
+        Ok(())
+    }
+
+    /// Stops accepting on every socket of the frontend at `listen`, on every
+    /// worker, and closes them; their open connections go on to their end.
+    /// `None` when no socket serves that frontend.
+    pub fn remove(&self, listen: Listen) -> Option<Closing> {
+        let mut open = lock(&self.inner.open);
+        let (gone, kept): (Vec<Open>, Vec<Open>) = open.drain(..).partition(|o| o.listen == listen);
+        *open = kept;
+        drop(open);
+        if gone.is_empty() {
+            return None;
+        }
+        let mut closing = Closing {
+            addrs: Vec::with_capacity(gone.len()),
+            closed: Vec::with_capacity(gone.len()),
+        };
+        for o in gone {
+            let _ = o.stop.send(true);
+            closing.addrs.push(o.local_addr);
+            closing.closed.push(o.closed);
+        }
+        Some(closing)
+    }
+
+    /// The listening addresses of the frontend at `listen`.
+    pub fn local_addrs(&self, listen: Listen) -> Vec<std::net::SocketAddr> {
+        lock(&self.inner.open)
+            .iter()
+            .filter(|o| o.listen == listen)
+            .map(|o| o.local_addr)
+            .collect()
+    }
+}
+
+/// The list of open sockets; a panic while it was held leaves it consistent
+/// (every change is a single push or replace), so poisoning is ignored.
+fn lock(m: &Mutex<Vec<Open>>) -> std::sync::MutexGuard<'_, Vec<Open>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Server {
@@ -77,9 +216,15 @@ impl Server {
         };
 
         let mut threads = Vec::new();
+        // The calling thread is worker 0: its event loop is the one we are on.
+        let here = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let mut workers = vec![here];
         for i in 1..limits.workers.max(1) {
-            match start_worker(i, &listeners, &shared, &accepting_tx, &finished) {
-                Ok(t) => threads.push(t),
+            match start_worker(i, &finished) {
+                Ok((t, rt)) => {
+                    threads.push(t);
+                    workers.push(rt);
+                }
                 Err(e) => {
                     // Let the workers already started end, then give up.
                     let _ = stop_tx.send(true);
@@ -88,9 +233,23 @@ impl Server {
                 }
             }
         }
+        let handle = ServerHandle {
+            inner: Arc::new(HandleInner {
+                workers,
+                shared,
+                accepting: accepting_tx.downgrade(),
+                open: Mutex::new(Vec::new()),
+            }),
+        };
         for l in listeners {
-            tokio::spawn(accept_loop(l, shared.clone(), accepting_tx.clone()));
+            if let Err(e) = handle.add(l) {
+                let _ = stop_tx.send(true);
+                let _ = finished_tx.send(true);
+                return Err(e);
+            }
         }
+        // From here on only the accept loops hold `accepting` senders.
+        drop(accepting_tx);
         Ok(Server {
             limits,
             slots,
@@ -99,7 +258,13 @@ impl Server {
             finished: finished_tx,
             accepting,
             threads,
+            handle,
         })
+    }
+
+    /// Adds and removes listeners while the server runs.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and drains.
@@ -146,44 +311,37 @@ impl Server {
     }
 }
 
-/// Starts worker `i`: a thread with its own event loop and an accept loop on a
-/// `dup` of every listening socket.
+/// Starts worker `i`: a thread with its own event loop, which runs the accept
+/// loops `ServerHandle::add` spawns on it (and their connections) until the
+/// drain is over.
 fn start_worker(
     i: usize,
-    listeners: &[Listener],
-    shared: &Shared,
-    accepting_tx: &mpsc::Sender<()>,
     finished: &watch::Receiver<bool>,
-) -> io::Result<std::thread::JoinHandle<()>> {
+) -> io::Result<(std::thread::JoinHandle<()>, tokio::runtime::Handle)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let dups = {
-        // Register the dups with the worker's event loop, not the caller's.
-        let _in_worker = rt.enter();
-        listeners
-            .iter()
-            .map(Listener::try_clone)
-            .collect::<io::Result<Vec<_>>>()?
-    };
-    let shared = shared.clone();
-    let accepting_tx = accepting_tx.clone();
+    let handle = rt.handle().clone();
     let mut finished = finished.clone();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("tcpfwd-worker-{i}"))
         .spawn(move || {
             rt.block_on(async move {
-                let mut loops = JoinSet::new();
-                for l in dups {
-                    loops.spawn(accept_loop(l, shared.clone(), accepting_tx.clone()));
-                }
-                drop(accepting_tx);
-                while loops.join_next().await.is_some() {}
-                // This thread's connections run only while its event loop
-                // does: keep it going until the drain is over.
+                // This thread's accept loops and connections run only while
+                // its event loop does: keep it going until the drain is over.
                 let _ = finished.wait_for(|f| *f).await;
             });
-        })
+        })?;
+    Ok((thread, handle))
+}
+
+/// Resolves at shutdown or at the removal of the loop's socket (or once
+/// either's sender is gone, which means the same).
+async fn stopped(stop: &mut watch::Receiver<bool>, removed: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => {}
+        _ = removed.wait_for(|r| *r) => {}
+    }
 }
 
 /// Whether an accept error concerns only the one connection, not the listener.
@@ -196,21 +354,28 @@ fn is_connection_error(e: &io::Error) -> bool {
     ) || e.raw_os_error() == Some(libc::EPROTO)
 }
 
-/// Accepts on one listener until shutdown, then closes it and drops `accepting`.
-async fn accept_loop(l: Listener, shared: Shared, accepting: mpsc::Sender<()>) {
+/// Accepts on one listener until shutdown or its removal, then closes it and
+/// drops its signals' senders.
+async fn accept_loop(l: Listener, shared: Shared, signals: LoopSignals) {
     let Shared {
         ctx,
         slots,
         stop_accept: mut stop,
         force_close,
     } = shared;
+    let LoopSignals {
+        accepting,
+        mut removed,
+        closed,
+    } = signals;
+
     let mut backoff = Duration::ZERO;
     let mut refused: u64 = 0;
     let mut refused_logged = Instant::now() - Duration::from_secs(60);
     loop {
         let accepted = tokio::select! {
             r = l.socket.accept() => r,
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stopped(&mut stop, &mut removed) => break,
         };
         let (tcp, peer) = match accepted {
             Ok((tcp, peer)) => {
@@ -231,7 +396,7 @@ async fn accept_loop(l: Listener, shared: Shared, accepting: mpsc::Sender<()>) {
                 backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.wait_for(|s| *s) => break,
+                    _ = stopped(&mut stop, &mut removed) => break,
                 }
                 continue;
             }
@@ -263,5 +428,6 @@ async fn accept_loop(l: Listener, shared: Shared, accepting: mpsc::Sender<()>) {
     // The socket first, then the sign that this loop is done: once every
     // loop's sender is gone, no copy of any listening socket is open.
     drop(l);
+    drop(closed);
     drop(accepting);
 }

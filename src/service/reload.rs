@@ -4,9 +4,14 @@
 //! A reload builds new route tables and certificates off to the side and then
 //! swaps them in: open connections keep the route and certificate they were
 //! made with, every connection after the swap gets the new ones.
+//!
+//! Frontends are matched by their listening address: a kept one gets its new
+//! table, an added one is bound before anything is swapped (so a port in use
+//! fails the whole reload), and a removed one stops accepting after the swap
+//! while its open connections go on to their end.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -14,6 +19,9 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::app::{self, Served};
 use crate::config::layer::{self, Layer};
 use crate::config::{file, CertSource, Config};
+use crate::net::listener::{self, Listener};
+use crate::net::server::ServerHandle;
+use crate::proxy::routes::{FrontendHandle, RouteTable};
 use crate::service::notify::{self, Notifier};
 use crate::tls::{self, CertResolver, CertSet};
 
@@ -37,13 +45,19 @@ pub struct Reloader {
     pub cli: Layer,
     /// What is served now.
     pub served: Served,
-    /// The listening addresses, one per frontend, for the status line.
-    pub addrs: Vec<SocketAddr>,
+    /// Where added frontends start accepting and removed ones stop.
+    pub server: ServerHandle,
+    /// Whether the sockets came from systemd: then tcpfwd binds nothing itself,
+    /// and a frontend added by a reload has no socket.
+    pub activated: bool,
 }
+
+/// How long a removed frontend's sockets may take to close on every worker.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 impl Reloader {
     /// Loads everything again and swaps it in. On error nothing changes.
-    pub fn reload(&mut self) -> anyhow::Result<Outcome> {
+    pub async fn reload(&mut self) -> anyhow::Result<Outcome> {
         let new = match &self.served.config.file {
             Some(path) => {
                 let layer = file::load(path).map_err(anyhow::Error::msg)?;
@@ -51,6 +65,12 @@ impl Reloader {
             }
             None => self.served.config.clone(),
         };
+        self.apply(new).await
+    }
+
+    /// Makes `new` the configuration in force (certificates re-read, frontends
+    /// added and removed). On error nothing changes.
+    pub async fn apply(&mut self, new: Config) -> anyhow::Result<Outcome> {
         let from_file = new.file.is_some();
         self.check_unchanged(&new)?;
         let certs = self.certificates(&new)?;
@@ -64,37 +84,137 @@ impl Reloader {
                 "no ACME certificate stored yet; the placeholder serves until the CA issues one",
             ));
         }
-        // Build everything before swapping anything in.
+        // Build everything, and bind the added frontends, before swapping
+        // anything in.
         let resolver = &self.served.resolver;
         let tables = app::route_tables(&new, &self.served.provider, resolver)?;
+        let plan = self.plan(&new, tables)?;
         let sha256 = certs.as_ref().map(|set| {
             set.first()
                 .end_entity_cert()
                 .map(|c| tls::sha256_fingerprint(c))
                 .unwrap_or_default()
         });
+        // The added sockets accept first: the one step that can still fail
+        // (a dup per worker) and be undone. Until the swap just below, their
+        // handshakes get the certificates in force, which is harmless: these
+        // ports refused every connection a moment ago.
+        let mut started: Vec<(crate::config::Listen, String, Vec<std::net::SocketAddr>)> =
+            Vec::new();
+        for l in plan.added {
+            let (listen, addr) = (l.frontend.listen, l.local_addr);
+            let describe = l.frontend.table().describe.clone();
+            if let Err(e) = self.server.add(l) {
+                for (listen, _, _) in &started {
+                    if let Some(c) = self.server.remove(*listen) {
+                        let _ = tokio::time::timeout(CLOSE_WAIT, c.wait()).await;
+                    }
+                }
+                return Err(anyhow::Error::new(e).context(format!(
+                    "starting to accept on {addr} for frontend {listen}"
+                )));
+            }
+            started.push((listen, describe, vec![addr]));
+        }
+
         if let Some(set) = certs {
             resolver.set_all(set);
         }
-        for (handle, table) in self.served.frontends.iter().zip(tables) {
+        for (handle, table) in plan.kept {
             handle.store(table);
         }
+        self.served.frontends = plan.frontends;
         self.served.config = new;
+
+        for (listen, describe, addrs) in &started {
+            for addr in addrs {
+                tracing::info!(%listen, %addr, map = %describe, "frontend added; listening");
+            }
+        }
+        for handle in plan.removed {
+            let listen = handle.listen;
+            let Some(closing) = self.server.remove(listen) else {
+                continue;
+            };
+            let addrs = closing.addrs.clone();
+            if tokio::time::timeout(CLOSE_WAIT, closing.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(%listen, "a worker has not closed the removed frontend's socket yet");
+            }
+            for addr in addrs {
+                tracing::info!(
+                    %listen, %addr, map = %handle.table().describe,
+                    "frontend removed; no new connections, open ones go on to their end"
+                );
+            }
+            if self.activated {
+                tracing::warn!(
+                    %listen,
+                    "systemd still holds the socket for the removed frontend {listen}: remove its ListenStream= from the .socket unit and restart the socket, or connections there wait unanswered"
+                );
+            }
+        }
         Ok(Outcome::Replaced {
             sha256,
             config: from_file,
         })
     }
 
+    /// Matches the new frontends with the running ones by listening address,
+    /// and binds the added ones.
+    fn plan(&self, new: &Config, tables: Vec<RouteTable>) -> anyhow::Result<Plan> {
+        let old = &self.served.frontends;
+        let mut plan = Plan {
+            frontends: Vec::with_capacity(new.frontends.len()),
+            kept: Vec::new(),
+            added: Vec::new(),
+            removed: old
+                .iter()
+                .filter(|h| !new.frontends.iter().any(|f| f.listen == h.listen))
+                .cloned()
+                .collect(),
+        };
+        for (f, table) in new.frontends.iter().zip(tables) {
+            if let Some(h) = old.iter().find(|h| h.listen == f.listen) {
+                plan.frontends.push(h.clone());
+                plan.kept.push((h.clone(), table));
+                continue;
+            }
+            if self.activated {
+                bail!(
+                    "frontend {} has no socket from systemd; add ListenStream={} to the .socket unit and restart the socket, or remove it from the file",
+                    f.listen,
+                    f.listen
+                );
+            }
+            let handle = FrontendHandle::new(f.listen, table);
+            let describe = handle.table().describe.clone();
+            let socket = listener::bind(&f.listen, &describe).map_err(|e| {
+                let also_removed = plan.removed.iter().any(|h| h.listen.port == f.listen.port);
+                let e = anyhow::Error::new(e);
+                if also_removed && f.listen.port != 0 {
+                    e.context(format!(
+                        "adding frontend {}: a frontend on the same port is being removed, and its socket is open until the reload is done; change the address in two reloads (remove, then add) or restart",
+                        f.listen
+                    ))
+                } else {
+                    e.context(format!("adding frontend {}", f.listen))
+                }
+            })?;
+            plan.added.push(
+                listener::from_std(handle.clone(), socket)
+                    .with_context(|| format!("adding frontend {}", f.listen))?,
+            );
+            plan.frontends.push(handle);
+        }
+        Ok(plan)
+    }
+
     /// What a reload cannot change while tcpfwd runs (for now).
     fn check_unchanged(&self, new: &Config) -> anyhow::Result<()> {
         let old = &self.served.config;
-        let listens = |c: &Config| c.frontends.iter().map(|f| f.listen).collect::<Vec<_>>();
-        if listens(old) != listens(new) {
-            bail!(
-                "the frontends' listening addresses changed; adding or removing a frontend needs a restart"
-            );
-        }
         let kind = |c: &CertSource| std::mem::discriminant(c);
         if kind(&old.cert) != kind(&new.cert) {
             bail!(
@@ -151,6 +271,18 @@ impl Reloader {
             }
         }
     }
+}
+
+/// What a reload does to the frontends, worked out (and bound) before the swap.
+struct Plan {
+    /// The frontends after the reload, in the new configuration's order.
+    frontends: Vec<Arc<FrontendHandle>>,
+    /// Running frontends and their new tables.
+    kept: Vec<(Arc<FrontendHandle>, RouteTable)>,
+    /// New frontends, bound, not yet accepting.
+    added: Vec<Listener>,
+    /// Running frontends the new configuration does not have.
+    removed: Vec<Arc<FrontendHandle>>,
 }
 
 /// The SIGHUP handler, installed at start so that a failure shows before serving
@@ -265,7 +397,7 @@ impl Reloads {
         while self.hangups.0.recv().await.is_some() {
             self.notifier.reloading();
             tracing::info!(signal = "SIGHUP", "reload requested");
-            match self.reloader.reload() {
+            match self.reloader.reload().await {
                 Ok(Outcome::Replaced { sha256, config }) => {
                     if config {
                         let served = &self.reloader.served;
@@ -278,7 +410,7 @@ impl Reloads {
                             "configuration reloaded; new connections get it"
                         );
                         self.status
-                            .set_maps(served.status_maps(&self.reloader.addrs));
+                            .set_maps(served.status_maps(&self.reloader.server));
                     }
                     if let Some(sha256) = sha256 {
                         tracing::info!(%sha256, "certificate reloaded; new handshakes get it");
