@@ -30,9 +30,10 @@ struct Seen {
     route: Option<Arc<ActiveRoute>>,
     /// The frontend as described, when no route was picked.
     frontend: Option<String>,
-    tls_version: Option<String>,
-    cipher: Option<String>,
-    kx: Option<String>,
+    /// What the handshake settled; Copy values, named only for the log line.
+    tls_version: Option<rustls::ProtocolVersion>,
+    cipher: Option<rustls::CipherSuite>,
+    kx: Option<rustls::NamedGroup>,
     /// The address the backend was reached at.
     backend_addr: Option<SocketAddr>,
 }
@@ -143,9 +144,11 @@ pub async fn serve(
             String::new(),
         ),
     };
-    let tls_version = seen.tls_version.as_deref().unwrap_or("");
-    let cipher = seen.cipher.as_deref().unwrap_or("");
-    let kx = seen.kx.as_deref().unwrap_or("");
+    let tls_version = seen.tls_version.and_then(conn::version_name).unwrap_or("");
+    let cipher = seen.cipher.and_then(conn::iana_name).unwrap_or_default();
+    let cipher = cipher.as_str();
+    let kx = seen.kx.map(|g| format!("{g:?}")).unwrap_or_default();
+    let kx = kx.as_str();
     let backend_addr = seen.backend_addr.map(|a| a.to_string()).unwrap_or_default();
     let backend_addr = backend_addr.as_str();
     match &end {
@@ -236,16 +239,9 @@ async fn run(
         return End::AcmeChallenge;
     };
     let session = client.session();
-    seen.tls_version = session
-        .protocol_version()
-        .and_then(conn::version_name)
-        .map(str::to_owned);
-    seen.cipher = session
-        .negotiated_cipher_suite()
-        .and_then(|s| conn::iana_name(s.suite()));
-    seen.kx = session
-        .negotiated_key_exchange_group()
-        .map(|g| format!("{:?}", g.name()));
+    seen.tls_version = session.protocol_version();
+    seen.cipher = session.negotiated_cipher_suite().map(|s| s.suite());
+    seen.kx = session.negotiated_key_exchange_group().map(|g| g.name());
     let timeouts = &route.route.timeouts;
     let connect = Box::pin(async {
         let backend = &route.route.backend;
