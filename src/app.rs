@@ -237,12 +237,16 @@ pub async fn run_with(
         prepared.served.status_maps(&addrs),
     );
     // The listeners are up, so the CA's validation can reach them.
+    let acme_current = prepared.acme.as_ref().map(|t| t.current());
     if let Some(task) = prepared.acme {
         let status = status.clone();
         task.spawn(
             prepared.served.resolver.clone(),
             prepared.ctx.challenges.clone(),
-            Box::new(move || status.send()),
+            Arc::new(move |warning| {
+                status.set_acme_warning(warning);
+                status.send();
+            }),
         );
     }
     let reloads = Reloads {
@@ -251,6 +255,8 @@ pub async fn run_with(
             cli,
             served: prepared.served,
             addrs,
+            acme_current,
+            acme_info: Default::default(),
         },
         notifier: notifier.clone(),
         status: status.clone(),
