@@ -909,3 +909,130 @@ async fn near_expiry_with_renewal_failing_is_an_error_once_a_day() {
     );
     assert!(errors[0]["expires"].as_str().unwrap().contains("(in "));
 }
+
+/// The leaf's SHA-256 if `path` holds a chain and the key that belongs to
+/// its leaf; `None` if it does not exist. Panics on a mismatched or broken pair.
+fn pair_leaf(path: &Path) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("{}: {e}", path.display()),
+    };
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|e| panic!("{}: not PEM ({e})", path.display()));
+    assert!(!chain.is_empty(), "{}: no certificate", path.display());
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&bytes)
+        .unwrap_or_else(|e| panic!("{}: no key ({e})", path.display()));
+    let provider = rustls::crypto::ring::default_provider();
+    let leaf = fingerprint(chain[0].as_ref());
+    rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+        .unwrap_or_else(|e| panic!("{}: key and certificate do not match ({e})", path.display()));
+    Some(leaf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_any_moment_leaves_a_matching_pair_and_no_pile_of_orders() {
+    const ROUNDS: usize = 50;
+    const VALIDITY: u64 = 9;
+    let backend = backends::echo().await;
+    // 9-second certificates: renewal is due 6 s after issuance, so the
+    // rounds kill first issuances, starts on a stored pair, and renewals.
+    let mut pebble = Pebble::new(free_port(), Some(VALIDITY));
+    pebble.start();
+    let state = TempDir::new("acme-kill9");
+    let args = tcpfwd_args(&pebble, state.path(), backend);
+    let ca = ca_dir(state.path(), &pebble);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut had_pair = false;
+    let mut ordering_starts = 0;
+    let mut kept_without_order = 0;
+    for round in 0..ROUNDS {
+        let before = pair_leaf(&ca.join("pair.pem"));
+        if had_pair {
+            assert!(before.is_some(), "round {round}: the stored pair was lost");
+        }
+        let mut fwd = start(&args);
+        let started = std::time::SystemTime::now();
+        if let Some(leaf) = &before {
+            // A good stored pair is served at once, before "ready".
+            let served = fwd
+                .events()
+                .into_iter()
+                .find(|e| msg(e) == "serving the stored certificate")
+                .unwrap_or_else(|| panic!("round {round}: not served:\n{}", fwd.stderr()));
+            assert_eq!(served["sha256"], leaf.as_str(), "round {round}");
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_millis(seed % 2500);
+        tokio::time::sleep(delay).await;
+        fwd.child.kill().unwrap();
+        fwd.child.wait().unwrap();
+        let events = fwd.events();
+        let orders = events
+            .iter()
+            .filter(|e| msg(e) == "ordering a certificate")
+            .count();
+        assert!(orders <= 1, "round {round}: {orders} orders in one run");
+        if orders == 1 {
+            ordering_starts += 1;
+        }
+        // A stored pair well before its renewal time is served with no order.
+        if before.is_some() {
+            let expires = events
+                .iter()
+                .find(|e| msg(e) == "serving the stored certificate")
+                .and_then(|e| e["expires"].as_str())
+                .and_then(|s| {
+                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .expect("expiry logged");
+            let renew_at = std::time::SystemTime::from(expires)
+                - Duration::from_secs(VALIDITY / 3)
+                // Margin for the one-second resolution of the logged expiry.
+                - Duration::from_secs(2);
+            if started + delay < renew_at {
+                assert_eq!(
+                    orders,
+                    0,
+                    "round {round}: ordered with a good pair:\n{}",
+                    fwd.stderr()
+                );
+                kept_without_order += 1;
+            }
+        }
+        // Whatever the moment, the files form a matching pair (or none yet).
+        let after = pair_leaf(&ca.join("pair.pem"));
+        pair_leaf(&ca.join("issued.pem"));
+        assert!(!ca.join("cert.pem").exists() && !ca.join("key.pem").exists());
+        had_pair |= after.is_some();
+    }
+    // Orders never pile up: at most one per run, only in runs that needed one.
+    assert!(
+        pebble.orders() <= ordering_starts,
+        "{} orders, {ordering_starts} runs ordered",
+        pebble.orders()
+    );
+    assert!(
+        had_pair,
+        "no certificate was ever stored in {ROUNDS} rounds"
+    );
+    assert!(
+        kept_without_order > 0,
+        "no round started on a good stored pair"
+    );
+    // And a last, uninterrupted run serves what is stored or gets a new one.
+    let fwd = start(&args);
+    fwd.wait_for(
+        |e| msg(e) == "renewal scheduled" || issued(e) || renewed(e),
+        1,
+        ISSUE,
+    );
+    let leaf = pair_leaf(&ca.join("pair.pem")).expect("a stored pair");
+    let shown = echo_through(&fwd, 1, b"after the power cuts").await;
+    assert_eq!(shown, leaf);
+}
