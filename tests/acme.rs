@@ -1036,3 +1036,52 @@ async fn kill_9_at_any_moment_leaves_a_matching_pair_and_no_pile_of_orders() {
     let shown = echo_through(&fwd, 1, b"after the power cuts").await;
     assert_eq!(shown, leaf);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_date_an_hour_ahead_is_obeyed_and_chunked_answers_are_read() {
+    let in_an_hour =
+        httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3600));
+    let script = Script {
+        refuse_orders: Some(in_an_hour),
+        chunked: true,
+        ..Script::default()
+    };
+    let (ca, mut fwd, _state, _pki) = against(script, Some(&due_now()), &[]).await;
+    let failed = fwd.wait_for(renewal_failed, 1, ISSUE).remove(0);
+    let retry_in = failed["retry_in"].as_str().unwrap();
+    assert!(["1h0m", "59m59s", "59m58s"].contains(&retry_in), "{failed}");
+    // The problem document came chunked, and was read.
+    assert!(
+        failed["error"].as_str().unwrap().contains("rateLimited"),
+        "{failed}"
+    );
+    assert_eq!(ca.order_count(), 1);
+    assert!(alive(&mut fwd));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_acme_refusal_waits_at_least_a_minute_and_keeps_serving() {
+    for (status, kind) in [
+        ("400 Bad Request", "malformed"),
+        ("403 Forbidden", "unauthorized"),
+        ("400 Bad Request", "rejectedIdentifier"),
+        ("403 Forbidden", "userActionRequired"),
+        ("500 Internal Server Error", "serverInternal"),
+        ("400 Bad Request", "caa"),
+    ] {
+        let script = Script {
+            refusal: Some((status.into(), kind.into())),
+            ..Script::default()
+        };
+        let (ca, mut fwd, _state, _pki) = against(script, Some(&due_now()), &[]).await;
+        let failed = fwd.wait_for(renewal_failed, 1, ISSUE).remove(0);
+        assert_eq!(failed["retry_in"], "1m0s", "{kind}: {failed}");
+        assert!(
+            failed["error"].as_str().unwrap().contains(kind),
+            "{kind}: {failed}"
+        );
+        assert_eq!(ca.order_count(), 1, "{kind}");
+        assert!(alive(&mut fwd), "{kind}");
+        echo_through(&fwd, 0, b"still forwarding").await;
+    }
+}

@@ -350,6 +350,10 @@ pub struct Script {
     pub directory_no_close_notify: bool,
     /// Once an order was placed, advertise new-order at `/order2` instead.
     pub change_directory: bool,
+    /// Refuse orders with this status line and ACME error type instead of 429 rateLimited.
+    pub refusal: Option<(String, String)>,
+    /// Send every body chunked.
+    pub chunked: bool,
 }
 
 /// A stand-in ACME CA over HTTPS, scripted to misbehave ([`Script`]); it
@@ -570,8 +574,13 @@ async fn serve_acme(
             ("POST", "/order") | ("POST", "/order2") => {
                 seen.orders.lock().unwrap().push(Instant::now());
                 seen.order_paths.lock().unwrap().push(path.clone());
-                match &script.refuse_orders {
-                    Some(retry_after) => (
+                match (&script.refuse_orders, &script.refusal) {
+                    (_, Some((status, kind))) => (
+                        status.as_str(),
+                        String::new(),
+                        problem(kind, "refused by the stand-in CA", 400),
+                    ),
+                    (Some(retry_after), None) => (
                         "429 Too Many Requests",
                         format!("Retry-After: {retry_after}\r\n"),
                         problem(
@@ -580,7 +589,7 @@ async fn serve_acme(
                             429,
                         ),
                     ),
-                    None => {
+                    (None, None) => {
                         *seen.done.lock().unwrap() = false;
                         (
                             "201 Created",
@@ -636,11 +645,21 @@ async fn serve_acme(
         } else {
             "application/json"
         };
-        let response = format!(
-            "HTTP/1.1 {status}\r\nReplay-Nonce: nonce-{nonce}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\r\n{}",
-            body.len(),
-            if method == "HEAD" { "" } else { body.as_str() }
-        );
+        let body = if method == "HEAD" { "" } else { body.as_str() };
+        let response = if script.chunked && !body.is_empty() {
+            // In two chunks, with an extension and a trailer, as a proxy might.
+            let (a, b) = body.split_at(body.len() / 2);
+            format!(
+                "HTTP/1.1 {status}\r\nReplay-Nonce: nonce-{nonce}\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n{extra}\r\n{:x};x=y\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\nX-Trailer: t\r\n\r\n",
+                a.len(),
+                b.len()
+            )
+        } else {
+            format!(
+                "HTTP/1.1 {status}\r\nReplay-Nonce: nonce-{nonce}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+                body.len()
+            )
+        };
         stream.get_mut().write_all(response.as_bytes()).await?;
         stream.get_mut().flush().await?;
     }
