@@ -242,12 +242,16 @@ pub async fn run_with(
         prepared.served.status_maps(&server.handle()),
     );
     // The listeners are up, so the CA's validation can reach them.
+    let acme_current = prepared.acme.as_ref().map(|t| t.current());
     if let Some(task) = prepared.acme {
         let status = status.clone();
         task.spawn(
             prepared.served.resolver.clone(),
             prepared.ctx.challenges.clone(),
-            Box::new(move || status.send()),
+            Arc::new(move |warning| {
+                status.set_acme_warning(warning);
+                status.send();
+            }),
         );
     }
     let reloads = Reloads {
@@ -257,6 +261,8 @@ pub async fn run_with(
             served: prepared.served,
             server: server.handle(),
             activated,
+            acme_current,
+            acme_info: Default::default(),
         },
         notifier: notifier.clone(),
         status: status.clone(),

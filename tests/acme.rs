@@ -12,7 +12,9 @@ use std::time::Duration;
 use common::{
     backends, msg, pattern, require_tool, run_to_exit, sha256, tls_connect, Tcpfwd, TempDir,
 };
-use pebble::{accept_anything_config, fingerprint, free_port, Pebble, RateLimitedCa};
+use pebble::{
+    accept_anything_config, fingerprint, free_port, Pebble, RateLimitedCa, Script, StandInCa,
+};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -211,8 +213,12 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
     let ca = ca_dir(&state, &pebble);
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&ca), 0o700);
-    for f in ["account.json", "cert.pem", "key.pem"] {
+    // The chain and its key in one file, so that they change together.
+    for f in ["account.json", "pair.pem"] {
         assert_eq!(mode(&ca.join(f)), 0o600, "{f}");
+    }
+    for f in ["cert.pem", "key.pem", "issued.pem"] {
+        assert!(!ca.join(f).exists(), "{f}");
     }
 
     // A second tcpfwd on the same state directory is refused.
@@ -344,8 +350,8 @@ async fn renewal_with_a_third_of_the_lifetime_left_keeps_an_open_transfer_going(
     // New connections get the new certificate; the stored one is the new one too.
     let fresh = echo_through(&fwd, 0, b"after renewal").await;
     assert!(fresh != first_fp, "still the old certificate");
-    let stored = std::fs::read_to_string(ca_dir(state.path(), &pebble).join("cert.pem")).unwrap();
-    assert!(stored.contains("BEGIN CERTIFICATE"));
+    let stored = std::fs::read_to_string(ca_dir(state.path(), &pebble).join("pair.pem")).unwrap();
+    assert!(stored.contains("BEGIN CERTIFICATE") && stored.contains("PRIVATE KEY"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,8 +395,8 @@ async fn corrupt_certificate_and_corrupt_account_are_recovered() {
     let account = std::fs::read(ca.join("account.json")).unwrap();
 
     // A half-written certificate: re-ordered with the stored account.
-    let cert = std::fs::read(ca.join("cert.pem")).unwrap();
-    std::fs::write(ca.join("cert.pem"), &cert[..cert.len() / 2]).unwrap();
+    let cert = std::fs::read(ca.join("pair.pem")).unwrap();
+    std::fs::write(ca.join("pair.pem"), &cert[..cert.len() / 2]).unwrap();
     let fwd = start(&args);
     let warn = fwd
         .events()
@@ -399,7 +405,7 @@ async fn corrupt_certificate_and_corrupt_account_are_recovered() {
         .expect("corrupt certificate reported");
     assert_eq!(warn["level"], "WARN");
     assert!(
-        warn["cert"].as_str().unwrap().ends_with("cert.pem"),
+        warn["cert"].as_str().unwrap().ends_with("pair.pem"),
         "{warn}"
     );
     fwd.wait_for(issued, 1, ISSUE);
@@ -410,7 +416,7 @@ async fn corrupt_certificate_and_corrupt_account_are_recovered() {
 
     // A corrupt account (and no certificate, so that one is needed): moved aside, new account.
     std::fs::write(ca.join("account.json"), &account[..account.len() / 2]).unwrap();
-    std::fs::remove_file(ca.join("cert.pem")).unwrap();
+    std::fs::remove_file(ca.join("pair.pem")).unwrap();
     let fwd = start(&args);
     let warn = fwd
         .wait_for(
@@ -430,7 +436,7 @@ async fn corrupt_certificate_and_corrupt_account_are_recovered() {
     let new_account = std::fs::read(ca.join("account.json")).unwrap();
     assert_ne!(new_account, account);
     assert_eq!(mode(&ca.join("account.json")), 0o600);
-    assert_eq!(mode(&ca.join("cert.pem")), 0o600);
+    assert_eq!(mode(&ca.join("pair.pem")), 0o600);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -628,4 +634,454 @@ async fn a_wrong_directory_url_is_named_with_what_the_server_answered() {
     );
     assert_eq!(failed["status"], 404, "{failed}");
     echo_through(&fwd, 0, b"still forwarding").await;
+}
+
+/// A stored certificate for NAMES, four hours long with one left: renewal
+/// (and the expiry watch) is due at once.
+fn due_now() -> rcgen::CertificateParams {
+    let now = time::OffsetDateTime::now_utc();
+    let mut params = rcgen::CertificateParams::new(NAMES.map(String::from).to_vec()).unwrap();
+    params.not_before = now - time::Duration::hours(3);
+    params.not_after = now + time::Duration::hours(1);
+    params
+}
+
+/// A stored certificate for NAMES, one day into 90: nothing is due.
+fn fresh() -> rcgen::CertificateParams {
+    let now = time::OffsetDateTime::now_utc();
+    let mut params = rcgen::CertificateParams::new(NAMES.map(String::from).to_vec()).unwrap();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(89);
+    params.use_authority_key_identifier_extension = true;
+    params
+}
+
+/// tcpfwd against a scripted stand-in CA, with `stored` in its state directory.
+async fn against(
+    script: Script,
+    stored: Option<&rcgen::CertificateParams>,
+    env: &[(&str, &str)],
+) -> (StandInCa, Tcpfwd, TempDir, common::Pki) {
+    let pki = common::Pki::new();
+    let ca = StandInCa::scripted(&pki, script).await;
+    let backend = backends::echo().await;
+    let state = TempDir::new("acme-stand-in");
+    if let Some(params) = stored {
+        store_self_signed(&state, ca.addr.port(), params);
+    }
+    let mut cmd = Tcpfwd::command();
+    cmd.args(stand_in_args(&ca.directory_url(), &pki, &state, backend));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let fwd = Tcpfwd::spawn(cmd);
+    fwd.wait_for(|e| msg(e) == "ready", 1, Duration::from_secs(20));
+    (ca, fwd, state, pki)
+}
+
+fn alive(fwd: &mut Tcpfwd) -> bool {
+    fwd.child.try_wait().unwrap().is_none()
+}
+
+fn renewal_failed(e: &Value) -> bool {
+    msg(e).starts_with("certificate renewal failed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issued_certificate_that_cannot_be_used_is_kept_and_never_ordered_again_soon() {
+    let (ca, mut fwd, state, _pki) = against(Script::default(), Some(&due_now()), &[]).await;
+    let stored_fp = fwd
+        .events()
+        .into_iter()
+        .find(|e| msg(e) == "serving the stored certificate")
+        .expect("stored certificate served")["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let err = fwd
+        .wait_for(
+            |e| msg(e).starts_with("the CA issued a certificate that tcpfwd cannot use"),
+            1,
+            ISSUE,
+        )
+        .remove(0);
+    assert_eq!(err["level"], "ERROR", "{err}");
+    assert_eq!(err["retry_in"], "6h0m", "{err}");
+    let error = err["error"].as_str().unwrap();
+    assert!(error.contains("kept in"), "{err}");
+    // What the CA sent is kept, moved aside.
+    let dir = state.join(&format!("127.0.0.1_{}_dir", ca.addr.port()));
+    let kept = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("issued.pem.unusable-")
+        });
+    assert!(kept, "the issued certificate was not kept");
+    assert!(!dir.join("pair.pem").exists());
+    // One order, one finalize; the process lives and serves the old certificate.
+    assert_eq!(ca.order_count(), 1);
+    assert_eq!(*ca.finalized.lock().unwrap(), 1);
+    assert!(alive(&mut fwd));
+    assert_eq!(echo_through(&fwd, 0, b"still forwarding").await, stored_fp);
+    assert_eq!(ca.order_count(), 1);
+    assert!(!has(&fwd, renewal_failed), "{}", fwd.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_is_capped_at_a_day_and_the_task_lives() {
+    let script = Script {
+        refuse_orders: Some(u64::MAX.to_string()),
+        ..Script::default()
+    };
+    let (ca, mut fwd, _state, _pki) = against(script, Some(&due_now()), &[]).await;
+    let failed = fwd.wait_for(renewal_failed, 1, ISSUE).remove(0);
+    assert_eq!(failed["retry_after"], "1d0h", "{failed}");
+    assert_eq!(failed["retry_in"], "1d0h", "{failed}");
+    assert!(alive(&mut fwd));
+    echo_through(&fwd, 0, b"still forwarding").await;
+    assert_eq!(ca.order_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acme_task_is_restarted_when_it_ends() {
+    let script = Script {
+        refuse_orders: Some("3600".into()),
+        ..Script::default()
+    };
+    let env = [("TCPFWD_TEST_ACME_PANIC", "1")];
+    let (ca, mut fwd, _state, _pki) = against(script, Some(&due_now()), &env).await;
+    let ended = fwd
+        .wait_for(
+            |e| msg(e).starts_with("the ACME task ended unexpectedly"),
+            1,
+            ISSUE,
+        )
+        .remove(0);
+    assert_eq!(ended["level"], "ERROR");
+    assert!(
+        ended["error"].as_str().unwrap().contains("panicked"),
+        "{ended}"
+    );
+    // Restarted: it goes on to order (and is refused).
+    fwd.wait_for(renewal_failed, 1, ISSUE);
+    assert_eq!(ca.order_count(), 1);
+    assert!(alive(&mut fwd));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_retry_after_of_an_attempt_is_kept() {
+    let script = Script {
+        poll_fails: Some(30),
+        ..Script::default()
+    };
+    let (ca, fwd, _state, _pki) = against(script, Some(&due_now()), &[]).await;
+    let failed = fwd.wait_for(renewal_failed, 1, ISSUE).remove(0);
+    // The order poll's 503 said 30 s; the authorization read after it succeeded.
+    let retry_after = failed["retry_after"].as_str().unwrap_or("");
+    assert!(["30s", "29s"].contains(&retry_after), "{failed}");
+    let retry_in = failed["retry_in"].as_str().unwrap();
+    assert!(["30s", "29s"].contains(&retry_in), "{failed}");
+    assert_eq!(ca.order_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_date_in_the_past_keeps_the_one_minute_floor() {
+    let script = Script {
+        refuse_orders: Some("Fri, 31 Dec 1999 23:59:59 GMT".into()),
+        ..Script::default()
+    };
+    let (ca, fwd, _state, _pki) = against(script, Some(&due_now()), &[]).await;
+    let failed = fwd.wait_for(renewal_failed, 1, ISSUE).remove(0);
+    assert_eq!(failed["retry_in"], "1m0s", "{failed}");
+    assert_eq!(ca.order_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_framed_by_the_connection_end_needs_close_notify() {
+    let script = Script {
+        directory_no_close_notify: true,
+        ..Script::default()
+    };
+    let (ca, mut fwd, _state, _pki) = against(script, None, &[]).await;
+    let failed = fwd
+        .wait_for(|e| msg(e).starts_with("certificate order failed"), 1, ISSUE)
+        .remove(0);
+    assert!(
+        failed["error"].as_str().unwrap().contains("close_notify"),
+        "{failed}"
+    );
+    assert_eq!(ca.order_count(), 0);
+    assert!(alive(&mut fwd));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_is_read_again_for_each_attempt() {
+    let script = Script {
+        refuse_orders: Some("1".into()),
+        change_directory: true,
+        ..Script::default()
+    };
+    let (ca, fwd, _state, _pki) = against(script, Some(&due_now()), &[]).await;
+    fwd.wait_for(renewal_failed, 2, ISSUE);
+    let paths = ca.order_paths.lock().unwrap().clone();
+    assert_eq!(paths[..2], ["/order", "/order2"], "{paths:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_for_renewal_information_creates_no_account() {
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let window = (
+        fmt(now + time::Duration::days(50)),
+        fmt(now + time::Duration::days(51)),
+    );
+    let script = Script {
+        refuse_orders: Some("3600".into()),
+        ari: Some(window),
+        ..Script::default()
+    };
+    let (ca, fwd, _state, _pki) = against(script, Some(&fresh()), &[]).await;
+    let sched = fwd
+        .wait_for(|e| msg(e) == "renewal scheduled", 1, ISSUE)
+        .remove(0);
+    assert_eq!(sched["rule"], "the CA's renewal window (ARI)", "{sched}");
+    assert_eq!(ca.renewal_info.lock().unwrap().len(), 1);
+    assert_eq!(*ca.accounts.lock().unwrap(), 0, "ARI created an account");
+    assert!(!has(&fwd, |e| msg(e) == "created an ACME account"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_tells_the_renewal_task_about_the_re_read_certificate() {
+    let script = Script {
+        refuse_orders: Some("3600".into()),
+        ..Script::default()
+    };
+    let (ca, fwd, state, _pki) = against(script, Some(&fresh()), &[]).await;
+    fwd.wait_for(|e| msg(e) == "renewal scheduled", 1, ISSUE);
+    assert_eq!(ca.order_count(), 0);
+    // A certificate restored from a backup, due for renewal now.
+    store_self_signed(&state, ca.addr.port(), &due_now());
+    fwd.signal(libc::SIGHUP);
+    fwd.wait_for(
+        |e| msg(e) == "certificate reloaded; new handshakes get it",
+        1,
+        ISSUE,
+    );
+    let order = fwd
+        .wait_for(|e| msg(e) == "ordering a certificate", 1, ISSUE)
+        .remove(0);
+    assert!(
+        order["reason"].as_str().unwrap().contains("renewal due"),
+        "{order}"
+    );
+    fwd.wait_for(renewal_failed, 1, ISSUE);
+    assert_eq!(ca.order_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_expiry_with_renewal_failing_is_an_error_once_a_day() {
+    let script = Script {
+        refuse_orders: Some("1".into()),
+        ..Script::default()
+    };
+    let (_ca, fwd, _state, _pki) = against(script, Some(&due_now()), &[]).await;
+    fwd.wait_for(renewal_failed, 3, ISSUE);
+    let errors: Vec<Value> = fwd
+        .events()
+        .into_iter()
+        .filter(|e| msg(e).starts_with("the certificate expires soon and renewal keeps failing"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", fwd.stderr());
+    assert_eq!(errors[0]["level"], "ERROR");
+    assert!(
+        errors[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("rateLimited"),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[0]["expires"].as_str().unwrap().contains("(in "));
+}
+
+/// The leaf's SHA-256 if `path` holds a chain and the key that belongs to
+/// its leaf; `None` if it does not exist. Panics on a mismatched or broken pair.
+fn pair_leaf(path: &Path) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("{}: {e}", path.display()),
+    };
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|e| panic!("{}: not PEM ({e})", path.display()));
+    assert!(!chain.is_empty(), "{}: no certificate", path.display());
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&bytes)
+        .unwrap_or_else(|e| panic!("{}: no key ({e})", path.display()));
+    let provider = rustls::crypto::ring::default_provider();
+    let leaf = fingerprint(chain[0].as_ref());
+    rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+        .unwrap_or_else(|e| panic!("{}: key and certificate do not match ({e})", path.display()));
+    Some(leaf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_any_moment_leaves_a_matching_pair_and_no_pile_of_orders() {
+    const ROUNDS: usize = 50;
+    const VALIDITY: u64 = 9;
+    let backend = backends::echo().await;
+    // 9-second certificates: renewal is due 6 s after issuance, so the
+    // rounds kill first issuances, starts on a stored pair, and renewals.
+    let mut pebble = Pebble::new(free_port(), Some(VALIDITY));
+    pebble.start();
+    let state = TempDir::new("acme-kill9");
+    let args = tcpfwd_args(&pebble, state.path(), backend);
+    let ca = ca_dir(state.path(), &pebble);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut had_pair = false;
+    let mut ordering_starts = 0;
+    let mut kept_without_order = 0;
+    for round in 0..ROUNDS {
+        let before = pair_leaf(&ca.join("pair.pem"));
+        if had_pair {
+            assert!(before.is_some(), "round {round}: the stored pair was lost");
+        }
+        let mut fwd = start(&args);
+        let started = std::time::SystemTime::now();
+        if let Some(leaf) = &before {
+            // A good stored pair is served at once, before "ready".
+            let served = fwd
+                .events()
+                .into_iter()
+                .find(|e| msg(e) == "serving the stored certificate")
+                .unwrap_or_else(|| panic!("round {round}: not served:\n{}", fwd.stderr()));
+            assert_eq!(served["sha256"], leaf.as_str(), "round {round}");
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_millis(seed % 2500);
+        tokio::time::sleep(delay).await;
+        fwd.child.kill().unwrap();
+        fwd.child.wait().unwrap();
+        let events = fwd.events();
+        let orders = events
+            .iter()
+            .filter(|e| msg(e) == "ordering a certificate")
+            .count();
+        assert!(orders <= 1, "round {round}: {orders} orders in one run");
+        if orders == 1 {
+            ordering_starts += 1;
+        }
+        // A stored pair well before its renewal time is served with no order.
+        if before.is_some() {
+            let expires = events
+                .iter()
+                .find(|e| msg(e) == "serving the stored certificate")
+                .and_then(|e| e["expires"].as_str())
+                .and_then(|s| {
+                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .expect("expiry logged");
+            let renew_at = std::time::SystemTime::from(expires)
+                - Duration::from_secs(VALIDITY / 3)
+                // Margin for the one-second resolution of the logged expiry.
+                - Duration::from_secs(2);
+            if started + delay < renew_at {
+                assert_eq!(
+                    orders,
+                    0,
+                    "round {round}: ordered with a good pair:\n{}",
+                    fwd.stderr()
+                );
+                kept_without_order += 1;
+            }
+        }
+        // Whatever the moment, the files form a matching pair (or none yet).
+        let after = pair_leaf(&ca.join("pair.pem"));
+        pair_leaf(&ca.join("issued.pem"));
+        assert!(!ca.join("cert.pem").exists() && !ca.join("key.pem").exists());
+        had_pair |= after.is_some();
+    }
+    // Orders never pile up: at most one per run, only in runs that needed one.
+    assert!(
+        pebble.orders() <= ordering_starts,
+        "{} orders, {ordering_starts} runs ordered",
+        pebble.orders()
+    );
+    assert!(
+        had_pair,
+        "no certificate was ever stored in {ROUNDS} rounds"
+    );
+    assert!(
+        kept_without_order > 0,
+        "no round started on a good stored pair"
+    );
+    // And a last, uninterrupted run serves what is stored or gets a new one.
+    let fwd = start(&args);
+    fwd.wait_for(
+        |e| msg(e) == "renewal scheduled" || issued(e) || renewed(e),
+        1,
+        ISSUE,
+    );
+    let leaf = pair_leaf(&ca.join("pair.pem")).expect("a stored pair");
+    let shown = echo_through(&fwd, 1, b"after the power cuts").await;
+    assert_eq!(shown, leaf);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_date_an_hour_ahead_is_obeyed_and_chunked_answers_are_read() {
+    let in_an_hour =
+        httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3600));
+    let script = Script {
+        refuse_orders: Some(in_an_hour),
+        chunked: true,
+        ..Script::default()
+    };
+    let (ca, mut fwd, _state, _pki) = against(script, Some(&due_now()), &[]).await;
+    let failed = fwd.wait_for(renewal_failed, 1, ISSUE).remove(0);
+    let retry_in = failed["retry_in"].as_str().unwrap();
+    assert!(["1h0m", "59m59s", "59m58s"].contains(&retry_in), "{failed}");
+    // The problem document came chunked, and was read.
+    assert!(
+        failed["error"].as_str().unwrap().contains("rateLimited"),
+        "{failed}"
+    );
+    assert_eq!(ca.order_count(), 1);
+    assert!(alive(&mut fwd));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_acme_refusal_waits_at_least_a_minute_and_keeps_serving() {
+    for (status, kind) in [
+        ("400 Bad Request", "malformed"),
+        ("403 Forbidden", "unauthorized"),
+        ("400 Bad Request", "rejectedIdentifier"),
+        ("403 Forbidden", "userActionRequired"),
+        ("500 Internal Server Error", "serverInternal"),
+        ("400 Bad Request", "caa"),
+    ] {
+        let script = Script {
+            refusal: Some((status.into(), kind.into())),
+            ..Script::default()
+        };
+        let (ca, mut fwd, _state, _pki) = against(script, Some(&due_now()), &[]).await;
+        let failed = fwd.wait_for(renewal_failed, 1, ISSUE).remove(0);
+        assert_eq!(failed["retry_in"], "1m0s", "{kind}: {failed}");
+        assert!(
+            failed["error"].as_str().unwrap().contains(kind),
+            "{kind}: {failed}"
+        );
+        assert_eq!(ca.order_count(), 1, "{kind}");
+        assert!(alive(&mut fwd), "{kind}");
+        echo_through(&fwd, 0, b"still forwarding").await;
+    }
 }

@@ -173,6 +173,8 @@ fn run(config: Config, activated: bool) -> Running {
         served: prepared.served,
         server: server.handle(),
         activated,
+        acme_current: None,
+        acme_info: Default::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(server.run_until(async {

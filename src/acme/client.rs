@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_rustls::TlsConnector;
 
 use super::http1::{encode_request, ResponseReader};
-use super::{error_chain, REQUEST_TIMEOUT};
+use super::{error_chain, REQUEST_TIMEOUT, RETRY_AFTER_CAP};
 use crate::net::connect;
 use crate::tls::CertError;
 
@@ -32,6 +32,8 @@ pub(super) struct Failure {
     pub(super) method: Method,
     pub(super) url: String,
     pub(super) status: Option<StatusCode>,
+    /// When the CA asked to be asked again: the first `Retry-After` of the
+    /// attempt, kept even when later requests succeed or fail without one.
     pub(super) retry_after: Option<SystemTime>,
 }
 
@@ -45,12 +47,18 @@ pub(super) struct Http {
     failure: Arc<Mutex<Option<Failure>>>,
 }
 
-fn parse_retry_after(value: &http::HeaderValue) -> Option<SystemTime> {
+/// `Retry-After` (seconds or an HTTP date) as a wait from now, at most
+/// [`RETRY_AFTER_CAP`]; a date in the past is zero. `None` if unreadable.
+fn parse_retry_after(value: &http::HeaderValue) -> Option<Duration> {
     let v = value.to_str().ok()?.trim();
-    match v.parse::<u64>() {
-        Ok(secs) => Some(SystemTime::now() + Duration::from_secs(secs)),
-        Err(_) => httpdate::parse_http_date(v).ok(),
-    }
+    let wait = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(RETRY_AFTER_CAP))
 }
 
 impl Http {
@@ -188,20 +196,26 @@ async fn send(
 
     let mut reader = ResponseReader::new(&parts.method);
     let mut buf = vec![0u8; 16 * 1024];
+    // Whether the server ended with TLS close_notify (a clean end) rather
+    // than a bare TCP close, which an attacker on the path can forge.
+    let mut close_notify = true;
     loop {
         let n = match stream.read(&mut buf).await {
             Ok(n) => n,
             // The server closed without close_notify. Many do after
-            // `Connection: close`; a response whose framing is incomplete
-            // is still refused by finish().
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            // `Connection: close`; finish() accepts that only for a
+            // response framed by its length or chunks.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                close_notify = false;
+                0
+            }
             Err(e) => return Err(format!("reading the response: {}", error_chain(&e))),
         };
         if n == 0 || reader.feed(&buf[..n])? {
             break;
         }
     }
-    reader.finish()
+    reader.finish(close_notify)
 }
 
 impl HttpClient for Http {
@@ -214,12 +228,14 @@ impl HttpClient for Http {
         let fut = send(self.tls.clone(), req);
         let slot = self.failure.clone();
         Box::pin(async move {
-            let record = |status, retry_after| {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Failure {
+            let record = |status, retry_after: Option<SystemTime>| {
+                let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                let first = slot.as_ref().and_then(|f| f.retry_after);
+                *slot = Some(Failure {
                     method: method.clone(),
                     url: url.clone(),
                     status,
-                    retry_after,
+                    retry_after: first.or(retry_after),
                 });
             };
             let (parts, body) = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
@@ -238,19 +254,58 @@ impl HttpClient for Http {
                 Ok(Ok(rsp)) => rsp,
             };
             let status = parts.status;
+            let mut parts = parts;
+            // Capped here, in seconds, so that neither we nor instant-acme
+            // (which adds it to the clock unchecked) sees an absurd value.
+            let wait = parts
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(parse_retry_after);
+            match wait {
+                Some(w) => {
+                    parts.headers.insert(
+                        http::header::RETRY_AFTER,
+                        http::HeaderValue::from(w.as_secs()),
+                    );
+                }
+                None => {
+                    parts.headers.remove(http::header::RETRY_AFTER);
+                }
+            }
             if status.is_client_error() || status.is_server_error() {
-                let ra = parts
-                    .headers
-                    .get(http::header::RETRY_AFTER)
-                    .and_then(parse_retry_after);
-                record(Some(status), ra);
+                let at = wait.and_then(|w| SystemTime::now().checked_add(w));
+                record(Some(status), at);
             } else {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                // A success after a failure: the failure is over, unless
+                // the CA said when to come back (that still holds).
+                let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.as_ref().is_some_and(|f| f.retry_after.is_none()) {
+                    *slot = None;
+                }
             }
             Ok(BytesResponse {
                 parts,
                 body: Box::new(body),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_capped_and_a_past_date_is_zero() {
+        let v = |s: &str| parse_retry_after(&http::HeaderValue::from_str(s).unwrap());
+        assert_eq!(v("8"), Some(Duration::from_secs(8)));
+        // u64::MAX seconds would overflow SystemTime: capped, no panic.
+        assert_eq!(v("18446744073709551615"), Some(RETRY_AFTER_CAP));
+        assert_eq!(v("Fri, 31 Dec 1999 23:59:59 GMT"), Some(Duration::ZERO));
+        assert_eq!(v("Fri, 31 Dec 9999 23:59:59 GMT"), Some(RETRY_AFTER_CAP));
+        let in_an_hour = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3600));
+        let hour = v(&in_an_hour).unwrap();
+        assert!(hour <= Duration::from_secs(3600) && hour >= Duration::from_secs(3590));
+        assert_eq!(v("soon"), None);
     }
 }

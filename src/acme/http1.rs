@@ -153,8 +153,10 @@ impl ResponseReader {
         }
     }
 
-    /// The connection has ended: the response, if it was complete.
-    pub(super) fn finish(self) -> Result<(response::Parts, Bytes), String> {
+    /// The connection has ended (with TLS close_notify or without): the
+    /// response, if it was complete. A body framed by the end of the
+    /// connection is complete only if the end was a close_notify.
+    pub(super) fn finish(self, close_notify: bool) -> Result<(response::Parts, Bytes), String> {
         let Some(parts) = self.head else {
             return Err(if self.pending.is_empty() {
                 "the server closed the connection without answering".to_string()
@@ -163,7 +165,11 @@ impl ResponseReader {
             });
         };
         match self.framing {
-            Framing::Done | Framing::Eof => Ok((parts, Bytes::from(self.body))),
+            Framing::Done => Ok((parts, Bytes::from(self.body))),
+            Framing::Eof if close_notify => Ok((parts, Bytes::from(self.body))),
+            Framing::Eof => Err(
+                "the server closed the connection without TLS close_notify before a body framed by the end of the connection: it may be cut short".to_string(),
+            ),
             Framing::Length(left) => Err(format!(
                 "the server closed the connection {left} bytes before the end of the body"
             )),
@@ -405,7 +411,7 @@ mod tests {
                 break;
             }
         }
-        r.finish()
+        r.finish(true)
     }
 
     fn one_byte_at_a_time(input: &[u8]) -> Vec<&[u8]> {
@@ -466,7 +472,7 @@ mod tests {
             .unwrap());
         // Complete once the last byte is in; later bytes are ignored.
         assert!(r.feed(b"cdEXTRA").unwrap());
-        assert_eq!(&r.finish().unwrap().1[..], b"abcd");
+        assert_eq!(&r.finish(true).unwrap().1[..], b"abcd");
     }
 
     #[test]
@@ -493,11 +499,24 @@ mod tests {
     }
 
     #[test]
+    fn body_to_eof_needs_close_notify_but_a_framed_body_does_not() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"a\":1}";
+        let mut r = ResponseReader::new(&Method::GET);
+        assert!(!r.feed(raw).unwrap());
+        let err = r.finish(false).unwrap_err();
+        assert!(err.contains("without TLS close_notify"), "{err}");
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}";
+        let mut r = ResponseReader::new(&Method::GET);
+        assert!(r.feed(raw).unwrap());
+        assert_eq!(&r.finish(false).unwrap().1[..], b"{\"a\":1}");
+    }
+
+    #[test]
     fn head_and_no_content_have_no_body() {
         let raw = b"HTTP/1.1 200 OK\r\nReplay-Nonce: n\r\nContent-Length: 120\r\n\r\n";
         let mut r = ResponseReader::new(&Method::HEAD);
         assert!(r.feed(raw).unwrap());
-        assert!(r.finish().unwrap().1.is_empty());
+        assert!(r.finish(true).unwrap().1.is_empty());
         let mut r = ResponseReader::new(&Method::GET);
         assert!(r.feed(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap());
     }
@@ -542,7 +561,7 @@ mod tests {
             Some(CHUNKED.len() - 1),
             "complete at the last byte"
         );
-        assert_eq!(&r.finish().unwrap().1[..], b"hello, world");
+        assert_eq!(&r.finish(true).unwrap().1[..], b"hello, world");
     }
 
     #[test]

@@ -32,6 +32,13 @@ use self::client::{Failure, Http};
 
 /// Files in the CA's state sub-directory.
 const ACCOUNT_FILE: &str = "account.json";
+/// The certificate chain and its key in one file, so that they change
+/// together: a crash at any instant leaves the old pair or the new one.
+const PAIR_FILE: &str = "pair.pem";
+/// What the CA issued, stored before it is read; renamed to [`PAIR_FILE`]
+/// once it proves usable, so an issued certificate is never lost.
+const ISSUED_FILE: &str = "issued.pem";
+/// The layout before [`PAIR_FILE`], still read (for upgrades), never written.
 const CERT_FILE: &str = "cert.pem";
 const KEY_FILE: &str = "key.pem";
 
@@ -50,6 +57,19 @@ const BACKOFF_CAP: Duration = Duration::from_secs(3600);
 const REFUSED_FLOOR: Duration = Duration::from_secs(60);
 /// Longest `Retry-After` honoured, against a CA that asks for something absurd.
 const RETRY_AFTER_CAP: Duration = Duration::from_secs(86_400);
+/// Wait after the CA issued a certificate that tcpfwd cannot use: ordering
+/// again soon would only spend the CA's limit on duplicate certificates
+/// (Let's Encrypt: 5 per exact set of names per week).
+const LOCAL_PROBLEM_WAIT: Duration = Duration::from_secs(6 * 3600);
+/// How old the directory may get before it is fetched again (new terms of
+/// service, a new `renewalInfo` URL); every attempt also fetches it afresh.
+const DIRECTORY_MAX_AGE: Duration = Duration::from_secs(86_400);
+/// Longest wait before restarting the ACME task after it ended unexpectedly.
+const RESTART_CAP: Duration = Duration::from_secs(3600);
+/// Expiry watch: an ERROR when renewal keeps failing this close to expiry
+/// (or within a third of a short certificate's lifetime), once per this interval.
+const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 86_400);
+const EXPIRY_REPEAT: Duration = Duration::from_secs(86_400);
 
 /// What we know about a certificate we serve.
 #[derive(Debug, Clone)]
@@ -224,18 +244,32 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[derive(Debug, Clone)]
 struct DirectoryInfo {
     terms_of_service: Option<String>,
-    renewal_info: bool,
+    /// The `renewalInfo` URL (ARI), if the CA offers it.
+    renewal_info: Option<String>,
+    fetched: SystemTime,
 }
+
+/// The certificate the renewal task looks after. Sent by the task after each
+/// issuance and by a SIGHUP reload that re-read the stored pair, so that the
+/// schedule always follows the certificate actually served.
+pub type Current = tokio::sync::watch::Sender<Option<CertInfo>>;
 
 /// The initial certificate and the task that will look after it.
 pub struct Task {
-    cfg: AcmeConfig,
-    state: StateDir,
-    http: Http,
-    provider: Arc<CryptoProvider>,
-    current: Option<CertInfo>,
+    shared: Shared,
     /// Why the first order is made, when there is no usable certificate.
     order_reason: Option<String>,
+}
+
+/// What every incarnation of the ACME task works with (a restarted task
+/// starts from here); cheap to clone.
+#[derive(Clone)]
+struct Shared {
+    cfg: AcmeConfig,
+    state: Arc<StateDir>,
+    http: Http,
+    provider: Arc<CryptoProvider>,
+    current: Current,
 }
 
 /// Locks the state directory, loads a stored certificate if it is usable, and
@@ -246,37 +280,36 @@ pub fn prepare(
 ) -> anyhow::Result<(CertifiedKey, Task)> {
     let state = StateDir::open(&cfg.state_dir, &cfg.directory)?;
     let http = Http::new(cfg.ca_root.as_deref(), provider)?;
-    let cert_path = state.path(CERT_FILE);
-    let stored = load_stored(&state, provider);
+    recover_issued(&state, provider);
+    let stored = load_stored(&state.path(""), provider);
     let (key, current, order_reason) = match stored {
-        Ok(Some((ck, info))) => {
+        Ok(Some(s)) => {
             tracing::info!(
-                cert = %cert_path.display(),
-                names = ?info.names,
-                expires = %fmt_time(info.not_after),
-                sha256 = %info.sha256,
+                cert = %s.file.display(),
+                names = ?s.info.names,
+                expires = %fmt_time(s.info.not_after),
+                sha256 = %s.info.sha256,
                 "serving the stored certificate"
             );
-            if info.not_after <= SystemTime::now() {
+            if s.info.not_after <= SystemTime::now() {
                 tracing::warn!(
-                    cert = %cert_path.display(),
-                    expired = %when(info.not_after),
+                    cert = %s.file.display(),
+                    expired = %when(s.info.not_after),
                     "the stored certificate has expired; serving it until a new one arrives"
                 );
             }
-            (ck, Some(info), None)
+            (s.key, Some(s.info), None)
         }
         other => {
             let reason = match other {
                 Ok(_) => "no certificate stored yet".to_string(),
                 Err(why) => {
                     tracing::warn!(
-                        cert = %cert_path.display(),
-                        key = %state.path(KEY_FILE).display(),
-                        problem = %why,
+                        cert = %why.file.display(),
+                        problem = %why.problem,
                         "the stored certificate cannot be used; ordering a new one with the stored account"
                     );
-                    format!("stored certificate unusable: {why}")
+                    format!("stored certificate unusable: {}", why.problem)
                 }
             };
             let ss = tls::self_signed(&cfg.domains, provider)?;
@@ -288,50 +321,154 @@ pub fn prepare(
             (ss.key, None, Some(reason))
         }
     };
+    let (current, _) = tokio::sync::watch::channel(current);
     Ok((
         key,
         Task {
-            cfg: cfg.clone(),
-            state,
-            http,
-            provider: provider.clone(),
-            current,
+            shared: Shared {
+                cfg: cfg.clone(),
+                state: Arc::new(state),
+                http,
+                provider: provider.clone(),
+                current,
+            },
             order_reason,
         },
     ))
 }
 
-/// Paths of the stored certificate chain and key for this configuration's CA.
-pub fn stored_files(cfg: &AcmeConfig) -> (std::path::PathBuf, std::path::PathBuf) {
+/// A stored certificate and key that can be served.
+pub struct Stored {
+    /// The pair, for the resolver.
+    pub key: CertifiedKey,
+    /// What the renewal schedule needs.
+    pub info: CertInfo,
+    /// The file it was read from, for the log.
+    pub file: std::path::PathBuf,
+}
+
+/// Why the stored certificate cannot be used.
+#[derive(Debug)]
+pub struct Unusable {
+    /// The file at fault.
+    pub file: std::path::PathBuf,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.problem)
+    }
+}
+
+impl std::error::Error for Unusable {}
+
+/// The stored pair for this configuration's CA, read without the lock (a
+/// SIGHUP reload in the process that holds it): `Ok(None)` if none is stored.
+pub fn stored_pair(
+    cfg: &AcmeConfig,
+    provider: &CryptoProvider,
+) -> Result<Option<Stored>, Unusable> {
     let dir = cfg
         .state_dir
         .join(crate::acme::state::ca_dir_name(&cfg.directory));
-    (dir.join(CERT_FILE), dir.join(KEY_FILE))
+    load_stored(&dir, provider)
 }
 
-/// The stored certificate and key: `Ok(None)` if there is none, `Err(why)` if unusable.
-fn load_stored(
-    state: &StateDir,
-    provider: &CryptoProvider,
-) -> Result<Option<(CertifiedKey, CertInfo)>, String> {
-    let cert = state
-        .read(CERT_FILE)
-        .map_err(|e| format!("cannot read {CERT_FILE}: {e}"))?;
-    let key = state
-        .read(KEY_FILE)
-        .map_err(|e| format!("cannot read {KEY_FILE}: {e}"))?;
-    let (cert, key) = match (cert, key) {
-        (None, None) => return Ok(None),
-        (Some(_), None) => return Err(format!("{KEY_FILE} is missing")),
-        (None, Some(_)) => return Err(format!("{CERT_FILE} is missing")),
-        (Some(c), Some(k)) => (c, k),
-    };
-    let ck = tls::certified_key_from_pem(&cert, &key, provider)?;
+/// Reads `bytes` (chain and key, in any order, as PEM) into a servable pair.
+fn parse_pair(bytes: &[u8], provider: &CryptoProvider) -> Result<(CertifiedKey, CertInfo), String> {
+    let ck = tls::certified_key_from_pem(bytes, bytes, provider)?;
     let leaf = ck
         .end_entity_cert()
         .map_err(|e| format!("no leaf certificate ({e})"))?;
     let info = CertInfo::from_leaf(leaf)?;
-    Ok(Some((ck, info)))
+    Ok((ck, info))
+}
+
+/// The stored certificate and key in `dir`: [`PAIR_FILE`], else the older
+/// `cert.pem` + `key.pem`. `Ok(None)` if there is none.
+fn load_stored(
+    dir: &std::path::Path,
+    provider: &CryptoProvider,
+) -> Result<Option<Stored>, Unusable> {
+    let read = |name: &str| -> Result<Option<Vec<u8>>, Unusable> {
+        match std::fs::read(dir.join(name)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Unusable {
+                file: dir.join(name),
+                problem: format!("cannot read it: {e}"),
+            }),
+        }
+    };
+    if let Some(pair) = read(PAIR_FILE)? {
+        let file = dir.join(PAIR_FILE);
+        return match parse_pair(&pair, provider) {
+            Ok((key, info)) => Ok(Some(Stored { key, info, file })),
+            Err(problem) => Err(Unusable { file, problem }),
+        };
+    }
+    let (cert, key) = match (read(CERT_FILE)?, read(KEY_FILE)?) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(Unusable {
+                file: dir.join(KEY_FILE),
+                problem: format!("{KEY_FILE} is missing"),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(Unusable {
+                file: dir.join(CERT_FILE),
+                problem: format!("{CERT_FILE} is missing"),
+            })
+        }
+        (Some(c), Some(k)) => (c, k),
+    };
+    let file = dir.join(CERT_FILE);
+    let unusable = |problem| Unusable {
+        file: dir.join(CERT_FILE),
+        problem,
+    };
+    let ck = tls::certified_key_from_pem(&cert, &key, provider).map_err(unusable)?;
+    let leaf = ck
+        .end_entity_cert()
+        .map_err(|e| unusable(format!("no leaf certificate ({e})")))?;
+    let info = CertInfo::from_leaf(leaf).map_err(unusable)?;
+    Ok(Some(Stored {
+        key: ck,
+        info,
+        file,
+    }))
+}
+
+/// After a crash between storing what the CA issued and promoting it: a
+/// usable [`ISSUED_FILE`] becomes the pair, an unusable one is moved aside.
+fn recover_issued(state: &StateDir, provider: &CryptoProvider) {
+    let Ok(Some(bytes)) = state.read(ISSUED_FILE) else {
+        return;
+    };
+    let result = match parse_pair(&bytes, provider) {
+        Ok(_) => state.rename(ISSUED_FILE, PAIR_FILE).map(|()| None),
+        Err(why) => state
+            .move_aside(ISSUED_FILE, "unusable")
+            .map(|p| Some((p, why))),
+    };
+    match result {
+        Ok(None) => tracing::info!(
+            file = %state.path(PAIR_FILE).display(),
+            "kept the certificate the CA issued before tcpfwd last stopped"
+        ),
+        Ok(Some((aside, why))) => tracing::error!(
+            moved_to = %aside.display(),
+            problem = %why,
+            "the certificate the CA issued before tcpfwd last stopped cannot be used"
+        ),
+        Err(e) => tracing::error!(
+            file = %state.path(ISSUED_FILE).display(),
+            "cannot keep the certificate the CA issued before tcpfwd last stopped: {e}"
+        ),
+    }
 }
 
 /// Makes the TLS-ALPN-01 certificate for `name`: self-signed, with the critical
@@ -413,40 +550,112 @@ fn is_problem(e: &anyhow::Error, kind: &str) -> bool {
     })
 }
 
+/// A local problem with what the CA issued: never a reason to order again soon.
+#[derive(Debug)]
+struct UnusableIssued(String);
+
+impl std::fmt::Display for UnusableIssued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UnusableIssued {}
+
 /// The running task's state.
 struct Manager {
-    task: Task,
+    shared: Shared,
     resolver: Arc<CertResolver>,
     router: Arc<TlsRouter>,
-    on_swap: OnSwap,
+    on_status: OnStatus,
+    /// Why the next order is made, when there is no usable certificate.
+    order_reason: Option<String>,
     directory: Option<DirectoryInfo>,
     account: Option<Account>,
+    /// The certificate the ARI state below is about (its SHA-256).
+    ari_for: Option<String>,
     /// The ARI window we last chose a time in, and that time.
     ari_choice: Option<((SystemTime, SystemTime), SystemTime)>,
     /// When to ask the CA for renewal information again.
     ari_next_check: SystemTime,
     /// The renewal time last logged, so the schedule is logged when it changes.
     logged_renewal: Option<SystemTime>,
+    /// When the expiry watch last logged its ERROR.
+    expiry_logged: Option<SystemTime>,
+    /// The terms of service and ARI URL last logged.
+    logged_directory: Option<(Option<String>, Option<String>)>,
 }
 
-/// Called after each certificate swap (to refresh the systemd status line).
-pub type OnSwap = Box<dyn Fn() + Send + Sync>;
+/// Called after each certificate swap, and when the ACME warning for
+/// `STATUS=` changes (`Some` while the certificate nears expiry unrenewed).
+pub type OnStatus = Arc<dyn Fn(Option<String>) + Send + Sync>;
+
+/// Handed to the supervisor's test hook: the task panics at its first look
+/// at the schedule when this variable is set (tests of the supervisor only).
+const PANIC_HOOK: &str = "TCPFWD_TEST_ACME_PANIC";
 
 impl Task {
-    /// Starts the background task that orders and renews the certificate.
-    pub fn spawn(self, resolver: Arc<CertResolver>, router: Arc<TlsRouter>, on_swap: OnSwap) {
-        let m = Manager {
-            task: self,
-            resolver,
-            router,
-            on_swap,
-            directory: None,
-            account: None,
-            ari_choice: None,
-            ari_next_check: UNIX_EPOCH,
-            logged_renewal: None,
-        };
-        tokio::spawn(m.run());
+    /// The renewal task's idea of the current certificate, for a reload to update.
+    pub fn current(&self) -> Current {
+        self.shared.current.clone()
+    }
+
+    /// Starts the background task that orders and renews the certificate,
+    /// under a supervisor: if it ever ends (a panic), it is logged at ERROR
+    /// and started again with backoff, so renewals never stop silently.
+    pub fn spawn(self, resolver: Arc<CertResolver>, router: Arc<TlsRouter>, on_status: OnStatus) {
+        let Task {
+            shared,
+            order_reason,
+        } = self;
+        let mut order_reason = Some(order_reason);
+        let mut panic_hook = std::env::var_os(PANIC_HOOK).is_some();
+        tokio::spawn(async move {
+            let mut backoff = Backoff::default();
+            loop {
+                let m = Manager {
+                    shared: shared.clone(),
+                    resolver: resolver.clone(),
+                    router: router.clone(),
+                    on_status: on_status.clone(),
+                    order_reason: order_reason.take().flatten(),
+                    directory: None,
+                    account: None,
+                    ari_for: None,
+                    ari_choice: None,
+                    ari_next_check: UNIX_EPOCH,
+                    logged_renewal: None,
+                    expiry_logged: None,
+                    logged_directory: None,
+                };
+                let started = std::time::Instant::now();
+                let hook = std::mem::take(&mut panic_hook);
+                let ended = tokio::spawn(m.run(hook)).await;
+                let why = match ended {
+                    Ok(()) => "it returned".to_string(),
+                    Err(e) if e.is_panic() => {
+                        let p = e.into_panic();
+                        let text = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown".into());
+                        format!("it panicked: {text}")
+                    }
+                    Err(e) => e.to_string(),
+                };
+                if started.elapsed() > RESTART_CAP {
+                    backoff.reset();
+                }
+                let wait = backoff.next(random(), None).min(RESTART_CAP);
+                tracing::error!(
+                    error = %why,
+                    restart_in = %fmt_duration(wait),
+                    "the ACME task ended unexpectedly; restarting it (no renewals until then)"
+                );
+                tokio::time::sleep(wait).await;
+            }
+        });
     }
 }
 
@@ -456,18 +665,60 @@ enum Next {
     Order(String),
 }
 
+/// The wait after a failed attempt: the backoff's, or what the CA asked
+/// (`told`), with a floor of [`REFUSED_FLOOR`] after a refusal unless the CA
+/// named a time still ahead (a date already past names none).
+fn failure_wait(
+    backoff: &mut Backoff,
+    random: f64,
+    told: Option<Duration>,
+    refused: bool,
+) -> Duration {
+    let told = told.filter(|t| !t.is_zero());
+    let wait = backoff.next(random, told);
+    // A CA that says when to come back is obeyed to the second.
+    if told.is_none() && refused {
+        wait.max(REFUSED_FLOOR)
+    } else {
+        wait
+    }
+}
+
+/// Whether a certificate from `not_before` to `not_after` is near enough its
+/// expiry at `now` for the expiry watch: within 7 days, or within a third of
+/// its lifetime for a short-lived one.
+fn near_expiry(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> bool {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    let margin = EXPIRY_WARNING.min(lifetime / 3);
+    match not_after.checked_sub(margin) {
+        Some(from) => now >= from,
+        None => true,
+    }
+}
+
 impl Manager {
-    async fn run(mut self) {
+    async fn run(mut self, panic_hook: bool) {
         let mut backoff = Backoff::default();
+        let mut changes = self.shared.current.subscribe();
         loop {
+            if panic_hook {
+                panic!("{PANIC_HOOK} is set");
+            }
             let reason = match self.schedule().await {
                 Next::Sleep(d) => {
-                    tokio::time::sleep(d).await;
+                    // A reload that re-read the stored pair wakes the schedule.
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = changes.changed() => {}
+                    }
                     continue;
                 }
                 Next::Order(reason) => reason,
             };
-            self.task.http.take_failure();
+            self.shared.http.take_failure();
+            // Each attempt reads the directory and the account afresh.
+            self.directory = None;
+            self.account = None;
             let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, self.order(&reason)).await {
                 Ok(r) => r,
                 Err(_) => Err(anyhow!(
@@ -475,13 +726,27 @@ impl Manager {
                     fmt_duration(ATTEMPT_TIMEOUT)
                 )),
             };
+            changes.mark_unchanged();
             match result {
                 Ok(()) => {
                     backoff.reset();
-                    self.task.order_reason = None;
+                    self.order_reason = None;
+                    if self.expiry_logged.take().is_some() {
+                        (self.on_status)(None);
+                    }
+                }
+                Err(e) if e.chain().any(|c| c.is::<UnusableIssued>()) => {
+                    self.shared.http.take_failure();
+                    tracing::error!(
+                        error = %format!("{e:#}"),
+                        retry_in = %fmt_duration(LOCAL_PROBLEM_WAIT),
+                        "the CA issued a certificate that tcpfwd cannot use; not ordering again for hours, to spare the CA's duplicate-certificate limit"
+                    );
+                    self.expiry_watch(&format!("{e:#}"));
+                    tokio::time::sleep(LOCAL_PROBLEM_WAIT).await;
                 }
                 Err(e) => {
-                    let failure = self.task.http.take_failure();
+                    let failure = self.shared.http.take_failure();
                     let mut told = failure
                         .as_ref()
                         .and_then(|f| f.retry_after)
@@ -492,16 +757,50 @@ impl Manager {
                     {
                         told = Some(at.saturating_duration_since(std::time::Instant::now()));
                     }
-                    let mut wait = backoff.next(random(), told);
-                    // A CA that says when to come back is obeyed to the second.
-                    if told.is_none() && refused_by_ca(&e) {
-                        wait = wait.max(REFUSED_FLOOR);
-                    }
+                    let wait = failure_wait(&mut backoff, random(), told, refused_by_ca(&e));
                     self.log_failure(&e, failure.as_ref(), told, wait);
+                    self.expiry_watch(&format!("{e:#}"));
                     tokio::time::sleep(wait).await;
                 }
             }
         }
+    }
+
+    /// After a failure: an ERROR once a day (and a `STATUS=` warning) while
+    /// the certificate served is near expiry or expired.
+    fn expiry_watch(&mut self, last_error: &str) {
+        let Some(cur) = self.shared.current.borrow().clone() else {
+            return;
+        };
+        let now = SystemTime::now();
+        if !near_expiry(cur.not_before, cur.not_after, now) {
+            return;
+        }
+        let due = self.expiry_logged.map_or(true, |t| {
+            now.duration_since(t).unwrap_or_default() >= EXPIRY_REPEAT
+        });
+        if !due {
+            return;
+        }
+        self.expiry_logged = Some(now);
+        let expired = cur.not_after <= now;
+        tracing::error!(
+            expires = %when(cur.not_after),
+            names = ?cur.names,
+            last_error,
+            "{}",
+            if expired {
+                "the certificate has expired and renewal keeps failing; still serving it and still trying"
+            } else {
+                "the certificate expires soon and renewal keeps failing; still trying"
+            }
+        );
+        let what = if expired { "expired" } else { "expires" };
+        (self.on_status)(Some(format!(
+            "certificate {what} {}, renewal failing: {}",
+            fmt_time(cur.not_after),
+            last_error.chars().take(200).collect::<String>()
+        )));
     }
 
     fn log_failure(
@@ -515,9 +814,9 @@ impl Manager {
         let status = failure.and_then(|f| f.status).map(|s| s.as_u16());
         let retry_after = told.map(fmt_duration);
         let error = format!("{e:#}");
-        match &self.task.current {
+        match &*self.shared.current.borrow() {
             Some(cur) => tracing::warn!(
-                directory = %self.task.cfg.directory,
+                directory = %self.shared.cfg.directory,
                 url = url.as_deref().unwrap_or(""),
                 status,
                 error = %error,
@@ -527,7 +826,7 @@ impl Manager {
                 "certificate renewal failed; still serving the current certificate until it expires"
             ),
             None => tracing::warn!(
-                directory = %self.task.cfg.directory,
+                directory = %self.shared.cfg.directory,
                 url = url.as_deref().unwrap_or(""),
                 status,
                 error = %error,
@@ -540,13 +839,25 @@ impl Manager {
 
     /// Decides whether to order now or how long to sleep first.
     async fn schedule(&mut self) -> Next {
-        if let Some(reason) = &self.task.order_reason {
+        let current = self.shared.current.borrow().clone();
+        if let Some(cur) = &current {
+            // A new certificate (issued, or re-read by a reload): its own ARI state.
+            if self.ari_for.as_deref() != Some(cur.sha256.as_str()) {
+                if self.ari_for.is_some() {
+                    self.order_reason = None;
+                }
+                self.ari_for = Some(cur.sha256.clone());
+                self.ari_choice = None;
+                self.ari_next_check = UNIX_EPOCH;
+            }
+        }
+        if let Some(reason) = &self.order_reason {
             return Next::Order(reason.clone());
         }
-        let Some(cur) = self.task.current.clone() else {
+        let Some(cur) = current else {
             return Next::Order("no certificate".into());
         };
-        let missing = cur.missing(&self.task.cfg.domains);
+        let missing = cur.missing(&self.shared.cfg.domains);
         if !missing.is_empty() {
             return Next::Order(format!(
                 "the current certificate does not cover {}",
@@ -580,6 +891,7 @@ impl Manager {
                     tracing::info!(
                         renew_at = %fmt_time(at),
                         expires = %fmt_time(cur.not_after),
+                        sha256 = %cur.sha256,
                         rule,
                         "renewal scheduled"
                     );
@@ -597,22 +909,42 @@ impl Manager {
         }
     }
 
-    /// The CA's suggested renewal window for `cur`, if it offers ARI and answers.
+    /// The CA's suggested renewal window for `cur`, if it offers ARI and
+    /// answers. A plain GET (RFC 9773 section 4.2): no account is needed, so
+    /// none is loaded or created for it.
     async fn ari_window(&mut self, cur: &CertInfo) -> Option<(SystemTime, SystemTime)> {
         let now = SystemTime::now();
         if now < self.ari_next_check {
             return self.ari_choice.map(|(w, _)| w);
         }
         let result: anyhow::Result<Option<(SystemTime, SystemTime)>> = async {
-            if !self.directory().await?.renewal_info {
-                return Ok(None);
+            if self.directory.as_ref().is_some_and(|d| {
+                now.duration_since(d.fetched).unwrap_or_default() >= DIRECTORY_MAX_AGE
+            }) {
+                self.directory = None;
             }
-            let account = self.account().await?;
+            let Some(base) = self.directory().await?.renewal_info else {
+                return Ok(None);
+            };
             let id = ari_identifier(&cur.leaf).map_err(|e| anyhow!(e))?;
-            let (info, retry) = account
-                .renewal_info(&id)
-                .await
-                .context("fetching renewal information")?;
+            let url = format!("{}/{id}", base.trim_end_matches('/'));
+            let (status, headers, body) = self.get(&url).await?;
+            if !status.is_success() {
+                bail!(
+                    "{url} answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                        .chars()
+                        .take(400)
+                        .collect::<String>()
+                );
+            }
+            let info: instant_acme::RenewalInfo = serde_json::from_slice(&body)
+                .with_context(|| format!("{url} is not renewal information"))?;
+            // Already capped by the client; absent means the RFC's default of a day... or sooner.
+            let retry = headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .map_or(Duration::from_secs(6 * 3600), Duration::from_secs);
             self.ari_next_check = SystemTime::now()
                 + retry.clamp(Duration::from_secs(60), Duration::from_secs(86_400));
             let w = info.suggested_window;
@@ -623,12 +955,12 @@ impl Manager {
             Ok(w) => {
                 if w.is_none() {
                     // No ARI at this CA: ask again only after the directory may have changed.
-                    self.ari_next_check = now + Duration::from_secs(86_400);
+                    self.ari_next_check = now + DIRECTORY_MAX_AGE;
                 }
                 w
             }
             Err(e) => {
-                let failure = self.task.http.take_failure();
+                let failure = self.shared.http.take_failure();
                 tracing::warn!(
                     url = failure.map(|f| f.url).unwrap_or_default(),
                     error = %format!("{e:#}"),
@@ -640,33 +972,45 @@ impl Manager {
         }
     }
 
-    /// Fetches the directory once: checks it is one, logs the terms of service.
-    async fn directory(&mut self) -> anyhow::Result<DirectoryInfo> {
-        if let Some(d) = &self.directory {
-            return Ok(d.clone());
-        }
-        let url = &self.task.cfg.directory;
+    /// A plain GET to the CA: status, headers, body.
+    async fn get(
+        &self,
+        url: &str,
+    ) -> anyhow::Result<(http::StatusCode, http::HeaderMap, bytes::Bytes)> {
         let req = Request::builder()
             .method(Method::GET)
-            .uri(url.as_str())
+            .uri(url)
             .header(
                 http::header::USER_AGENT,
                 concat!("tcpfwd/", env!("CARGO_PKG_VERSION")),
             )
             .body(BodyWrapper::default())
-            .with_context(|| format!("invalid ACME directory URL {url}"))?;
-        let mut rsp = self
-            .task
+            .with_context(|| format!("invalid URL {url}"))?;
+        let rsp = self
+            .shared
             .http
             .request(req)
             .await
-            .with_context(|| format!("cannot reach the ACME directory {url}"))?;
-        let status = rsp.parts.status;
-        let body = rsp
-            .body
+            .with_context(|| format!("cannot reach {url}"))?;
+        let (status, headers, mut body) = (rsp.parts.status, rsp.parts.headers, rsp.body);
+        let body = body
             .into_bytes()
             .await
-            .map_err(|e| anyhow!("reading the ACME directory {url}: {e}"))?;
+            .map_err(|e| anyhow!("reading {url}: {e}"))?;
+        Ok((status, headers, body))
+    }
+
+    /// The directory, fetched afresh for each attempt and when a day old:
+    /// checks it is one, logs the terms of service when they change.
+    async fn directory(&mut self) -> anyhow::Result<DirectoryInfo> {
+        if let Some(d) = &self.directory {
+            return Ok(d.clone());
+        }
+        let url = self.shared.cfg.directory.clone();
+        let (status, _, body) = self
+            .get(&url)
+            .await
+            .with_context(|| format!("cannot reach the ACME directory {url}"))?;
         let text = String::from_utf8_lossy(&body);
         if !status.is_success() {
             bail!(
@@ -684,14 +1028,22 @@ impl Manager {
         }
         let info = DirectoryInfo {
             terms_of_service: doc["meta"]["termsOfService"].as_str().map(str::to_owned),
-            renewal_info: doc["renewalInfo"].is_string(),
+            renewal_info: doc["renewalInfo"].as_str().map(str::to_owned),
+            fetched: SystemTime::now(),
         };
-        tracing::info!(
-            directory = %url,
-            terms_of_service = info.terms_of_service.as_deref().unwrap_or("(none given)"),
-            renewal_info = info.renewal_info,
-            "using ACME CA; its terms of service apply to the account tcpfwd uses (agreed by passing --acme-domain)"
-        );
+        let changed = self.logged_directory.as_ref().map_or(true, |(tos, ari)| {
+            *tos != info.terms_of_service || *ari != info.renewal_info
+        });
+        if changed {
+            tracing::info!(
+                directory = %url,
+                terms_of_service = info.terms_of_service.as_deref().unwrap_or("(none given)"),
+                renewal_info = info.renewal_info.is_some(),
+                "using ACME CA; its terms of service apply to the account tcpfwd uses (agreed by passing --acme-domain)"
+            );
+            self.logged_directory =
+                Some((info.terms_of_service.clone(), info.renewal_info.clone()));
+        }
         self.directory = Some(info.clone());
         Ok(info)
     }
@@ -702,9 +1054,9 @@ impl Manager {
             return Ok(a.clone());
         }
         self.directory().await?;
-        let path = self.task.state.path(ACCOUNT_FILE);
+        let path = self.shared.state.path(ACCOUNT_FILE);
         let stored = self
-            .task
+            .shared
             .state
             .read(ACCOUNT_FILE)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -713,7 +1065,7 @@ impl Manager {
                 serde_json::from_slice::<AccountCredentials>(&bytes).map_err(|e| e.to_string());
             let loaded = match parsed {
                 Ok(creds) => {
-                    match instant_acme::Account::builder_with_http(self.task.http.boxed())
+                    match instant_acme::Account::builder_with_http(self.shared.http.boxed())
                         .from_credentials(creds)
                         .await
                     {
@@ -724,7 +1076,7 @@ impl Manager {
                         Err(e) => {
                             return Err(anyhow::Error::new(e).context(format!(
                                 "cannot restore the ACME account at {}",
-                                self.task.cfg.directory
+                                self.shared.cfg.directory
                             )))
                         }
                     }
@@ -739,7 +1091,7 @@ impl Manager {
                 }
                 Err(why) => {
                     let aside = self
-                        .task
+                        .shared
                         .state
                         .move_aside(ACCOUNT_FILE, "corrupt")
                         .with_context(|| format!("cannot move {} aside", path.display()))?;
@@ -756,13 +1108,13 @@ impl Manager {
     }
 
     async fn create_account(&mut self) -> anyhow::Result<Account> {
-        let cfg = &self.task.cfg;
+        let cfg = &self.shared.cfg;
         let contact: Vec<&str> = cfg.contact.iter().map(String::as_str).collect();
         let eab = cfg
             .eab
             .as_ref()
             .map(|e| ExternalAccountKey::new(e.kid.clone(), &e.hmac_key.0));
-        let (account, creds) = instant_acme::Account::builder_with_http(self.task.http.boxed())
+        let (account, creds) = instant_acme::Account::builder_with_http(self.shared.http.boxed())
             .create(
                 &NewAccount {
                     contact: &contact,
@@ -775,10 +1127,11 @@ impl Manager {
             .await
             .with_context(|| format!("cannot create an ACME account at {}", cfg.directory))?;
         let json = serde_json::to_vec_pretty(&creds).context("serializing the account")?;
-        let path = self.task.state.path(ACCOUNT_FILE);
-        self.task
+        let path = self.shared.state.path(ACCOUNT_FILE);
+        self.shared
             .state
-            .write(ACCOUNT_FILE, &json)
+            .write_blocking(ACCOUNT_FILE, json)
+            .await
             .with_context(|| format!("cannot save the new ACME account to {}", path.display()))?;
         tracing::info!(
             account = account.id(),
@@ -794,13 +1147,14 @@ impl Manager {
     async fn order(&mut self, reason: &str) -> anyhow::Result<()> {
         let dir = self.directory().await?;
         let account = self.account().await?;
-        let cfg = self.task.cfg.clone();
+        let cfg = self.shared.cfg.clone();
         let ids: Vec<Identifier> = cfg.domains.iter().cloned().map(Identifier::Dns).collect();
-        let replaces = match (&self.task.current, dir.renewal_info) {
-            (Some(cur), true) => ari_identifier(&cur.leaf).ok(),
+        let current = self.shared.current.borrow().clone();
+        let replaces = match (&current, &dir.renewal_info) {
+            (Some(cur), Some(_)) => ari_identifier(&cur.leaf).ok(),
             _ => None,
         };
-        let renewal = self.task.current.is_some();
+        let renewal = current.is_some();
         tracing::info!(
             names = ?cfg.domains,
             directory = %cfg.directory,
@@ -822,7 +1176,11 @@ impl Manager {
         .map_err(anyhow::Error::new);
         if let Err(e) = &order {
             if is_problem(e, "accountDoesNotExist") {
-                let aside = self.task.state.move_aside(ACCOUNT_FILE, "unknown-to-ca")?;
+                let aside = self
+                    .shared
+                    .state
+                    .move_aside_blocking(ACCOUNT_FILE, "unknown-to-ca")
+                    .await?;
                 tracing::warn!(
                     moved_to = %aside.display(),
                     "the CA does not know the stored ACME account; moved it aside and creating a new one"
@@ -841,7 +1199,7 @@ impl Manager {
             router: self.router.clone(),
             names: Vec::new(),
         };
-        let provider = self.task.provider.clone();
+        let provider = self.shared.provider.clone();
         let mut authzs = order.authorizations();
         while let Some(authz) = authzs.next().await {
             let mut authz = authz.context("fetching an authorization")?;
@@ -907,24 +1265,50 @@ impl Manager {
             .poll_certificate(&policy)
             .await
             .context("downloading the certificate")?;
-        let ck = tls::certified_key_from_pem(chain_pem.as_bytes(), key_pem.as_bytes(), &provider)
-            .map_err(|e| anyhow!("the CA's certificate cannot be used: {e}"))?;
-        let leaf = ck
-            .end_entity_cert()
-            .map_err(|e| anyhow!("the CA's certificate has no leaf: {e}"))?;
-        let info = CertInfo::from_leaf(leaf).map_err(|e| anyhow!(e))?;
-        self.resolver.set(ck);
-        (self.on_swap)();
-        let saved = self
-            .task
-            .state
-            .write(KEY_FILE, key_pem.as_bytes())
-            .and_then(|()| self.task.state.write(CERT_FILE, chain_pem.as_bytes()));
-        if let Err(e) = saved {
+        // Stored before it is read: whatever goes wrong below is ours, and
+        // the CA's certificate must not be lost (nor ordered again) for it.
+        let mut issued = chain_pem.into_bytes();
+        if !issued.ends_with(b"\n") {
+            issued.push(b'\n');
+        }
+        issued.extend_from_slice(key_pem.as_bytes());
+        let state = &self.shared.state;
+        let stored = state.write_blocking(ISSUED_FILE, issued.clone()).await;
+        if let Err(e) = &stored {
             tracing::error!(
-                dir = %self.task.state.path("").display(),
-                "cannot save the new certificate ({e}); serving it, but a restart will order another"
+                file = %state.path(ISSUED_FILE).display(),
+                "cannot store the certificate the CA issued ({e}); serving it if it is usable, but a restart will order another"
             );
+        }
+        let (ck, info) = match parse_pair(&issued, &provider) {
+            Ok(pair) => pair,
+            Err(why) => {
+                let kept = match stored {
+                    Ok(()) => match state.move_aside_blocking(ISSUED_FILE, "unusable").await {
+                        Ok(p) => format!("; what the CA sent is kept in {}", p.display()),
+                        Err(e) => format!("; cannot move {ISSUED_FILE} aside: {e}"),
+                    },
+                    Err(_) => String::new(),
+                };
+                return Err(UnusableIssued(format!(
+                    "the certificate the CA issued cannot be used: {why}{kept}"
+                ))
+                .into());
+            }
+        };
+        self.resolver.set(ck);
+        self.shared.current.send_replace(Some(info.clone()));
+        (self.on_status)(None);
+        if stored.is_ok() {
+            if let Err(e) = state
+                .promote_blocking(ISSUED_FILE, PAIR_FILE, &[CERT_FILE, KEY_FILE])
+                .await
+            {
+                tracing::error!(
+                    dir = %state.path("").display(),
+                    "cannot store the new certificate as {PAIR_FILE} ({e}); serving it, and it is kept in {ISSUED_FILE} for the next start"
+                );
+            }
         }
         let lifetime = info
             .not_after
@@ -935,7 +1319,7 @@ impl Manager {
             expires = %fmt_time(info.not_after),
             lifetime = %fmt_duration(lifetime),
             sha256 = %info.sha256,
-            cert = %self.task.state.path(CERT_FILE).display(),
+            cert = %state.path(PAIR_FILE).display(),
             "{}",
             if renewal {
                 "certificate renewed; new connections get it, open ones keep theirs"
@@ -943,7 +1327,7 @@ impl Manager {
                 "certificate issued; new connections get it"
             }
         );
-        self.task.current = Some(info);
+        self.ari_for = Some(info.sha256.clone());
         self.ari_choice = None;
         self.ari_next_check = UNIX_EPOCH;
         Ok(())
@@ -997,6 +1381,49 @@ mod tests {
         assert_eq!(b.next(0.0, Some(DAY * 30)), RETRY_AFTER_CAP);
         b.reset();
         assert_eq!(b.next(1.0, None), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_refusal_waits_a_minute_unless_the_ca_named_a_time_ahead() {
+        let mut b = Backoff::default();
+        // Retry-After as a date in the past reads as zero: the floor holds.
+        let zero = Some(Duration::ZERO);
+        assert_eq!(failure_wait(&mut b, 0.0, zero, true), REFUSED_FLOOR);
+        assert_eq!(failure_wait(&mut b, 0.0, None, true), REFUSED_FLOOR);
+        let eight = Some(Duration::from_secs(8));
+        let mut b = Backoff::default();
+        assert_eq!(
+            failure_wait(&mut b, 0.0, eight, true),
+            Duration::from_secs(8)
+        );
+        let mut b = Backoff::default();
+        assert_eq!(
+            failure_wait(&mut b, 0.0, zero, false),
+            Duration::from_millis(2500)
+        );
+    }
+
+    #[test]
+    fn expiry_watch_starts_a_week_or_a_third_of_the_lifetime_before() {
+        assert!(!near_expiry(t(0), t(90), t(82)));
+        assert!(near_expiry(t(0), t(90), t(83)));
+        assert!(near_expiry(t(0), t(90), t(100)));
+        // Six days: the last two.
+        assert!(!near_expiry(t(0), t(6), t(3)));
+        assert!(near_expiry(t(0), t(6), t(4)));
+    }
+
+    #[test]
+    fn a_pair_file_holds_chain_and_key_and_is_read_back() {
+        let p = tls::provider(false);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let pair = format!("{}{}", cert.pem(), key.serialize_pem());
+        let (_, info) = parse_pair(pair.as_bytes(), &p).unwrap();
+        assert_eq!(info.names, ["a.test"]);
+        let err = parse_pair(cert.pem().as_bytes(), &p).err().unwrap();
+        assert!(err.contains("no private key"), "{err}");
     }
 
     #[test]

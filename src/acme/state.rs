@@ -8,6 +8,7 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -154,6 +155,64 @@ impl StateDir {
         File::open(&self.dir)?.sync_all()?;
         Ok(to)
     }
+}
+
+impl StateDir {
+    /// Renames `from` to `to` (replacing it) and makes the rename durable.
+    pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        fs::rename(self.path(from), self.path(to))?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// [`StateDir::write`] on the blocking pool: the fsyncs must not stall
+    /// an event loop that also serves connections.
+    pub async fn write_blocking(self: &Arc<Self>, name: &str, bytes: Vec<u8>) -> io::Result<()> {
+        let (me, name) = (self.clone(), name.to_string());
+        blocking(move || me.write(&name, &bytes)).await
+    }
+
+    /// [`StateDir::move_aside`] on the blocking pool.
+    pub async fn move_aside_blocking(
+        self: &Arc<Self>,
+        name: &str,
+        why: &str,
+    ) -> io::Result<PathBuf> {
+        let (me, name, why) = (self.clone(), name.to_string(), why.to_string());
+        blocking(move || me.move_aside(&name, &why)).await
+    }
+
+    /// On the blocking pool: renames `from` to `to`, then removes `obsolete`
+    /// files (the older layout), which `to` now supersedes.
+    pub async fn promote_blocking(
+        self: &Arc<Self>,
+        from: &str,
+        to: &str,
+        obsolete: &[&str],
+    ) -> io::Result<()> {
+        let me = self.clone();
+        let (from, to) = (from.to_string(), to.to_string());
+        let obsolete: Vec<String> = obsolete.iter().map(|s| s.to_string()).collect();
+        blocking(move || {
+            me.rename(&from, &to)?;
+            for name in &obsolete {
+                match fs::remove_file(me.path(name)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            File::open(&me.dir)?.sync_all()
+        })
+        .await
+    }
+}
+
+/// Runs file work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("the file task failed: {e}"))))
 }
 
 /// Writes `dir/name` so that a crash leaves either the old or the new content.

@@ -227,7 +227,10 @@ pub struct RunArgs {
     )]
     pub acme_domains: Vec<String>,
 
-    /// Contact address given to the CA (for expiry warnings from the CA).
+    /// Contact address given to the CA with the account, for the CA to reach
+    /// you about the account or its certificates (optional). Let's Encrypt no
+    /// longer sends expiry warnings: tcpfwd logs an ERROR itself when the
+    /// certificate nears expiry and renewal keeps failing.
     #[arg(long, value_name = "EMAIL")]
     pub acme_email: Option<String>,
 

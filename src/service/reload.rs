@@ -50,6 +50,10 @@ pub struct Reloader {
     /// Whether the sockets came from systemd: then tcpfwd binds nothing itself,
     /// and a frontend added by a reload has no socket.
     pub activated: bool,
+    /// The ACME renewal task's idea of the current certificate, told of a re-read one.
+    pub acme_current: Option<crate::acme::Current>,
+    /// The re-read ACME certificate's details, from `certificates` to the swap.
+    pub acme_info: Mutex<Option<crate::acme::CertInfo>>,
 }
 
 /// How long a removed frontend's sockets may take to close on every worker.
@@ -119,6 +123,15 @@ impl Reloader {
 
         if let Some(set) = certs {
             resolver.set_all(set);
+            // The renewal task schedules on the re-read certificate from now on.
+            let info = self
+                .acme_info
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let (Some(current), Some(info)) = (&self.acme_current, info) {
+                current.send_replace(Some(info));
+            }
         }
         for (handle, table) in plan.kept {
             handle.store(table);
@@ -260,13 +273,13 @@ impl Reloader {
             CertSource::Acme(cfg) => {
                 // Re-read what the ACME task stored (after a restore from a
                 // backup, say). The state dir is already locked by this process.
-                let (cert, key) = crate::acme::stored_files(cfg);
-                if !cert.exists() {
+                let stored = crate::acme::stored_pair(cfg, provider)
+                    .context("re-reading the stored ACME certificate")?;
+                let Some(stored) = stored else {
                     return Ok(None);
-                }
-                let ck = tls::load_files(&cert, &key, provider).with_context(|| {
-                    format!("re-reading the stored ACME certificate {}", cert.display())
-                })?;
+                };
+                *self.acme_info.lock().unwrap_or_else(|e| e.into_inner()) = Some(stored.info);
+                let ck = stored.key;
                 Ok(Some(CertSet::single(ck)))
             }
         }
@@ -312,6 +325,8 @@ struct StatusInner {
     maps: Mutex<Vec<String>>,
     /// Why the last reload failed, until one succeeds.
     reload_error: Mutex<Option<String>>,
+    /// The ACME task's warning (a certificate near expiry, unrenewed).
+    acme_warning: Mutex<Option<String>>,
 }
 
 impl Status {
@@ -329,6 +344,7 @@ impl Status {
                 self_signed,
                 maps: Mutex::new(maps),
                 reload_error: Mutex::new(None),
+                acme_warning: Mutex::new(None),
             }),
         }
     }
@@ -338,10 +354,23 @@ impl Status {
         let i = &self.inner;
         let maps = i.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let line = notify::status_line(&maps, &i.resolver.current(), i.self_signed);
+        let line = match &*i.acme_warning.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(w) => format!("{line} (WARNING: {w})"),
+            None => line,
+        };
         match &*i.reload_error.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(e) => format!("{line} (last reload failed: {e})"),
             None => line,
         }
+    }
+
+    /// Sets or clears the ACME task's warning.
+    pub fn set_acme_warning(&self, w: Option<String>) {
+        *self
+            .inner
+            .acme_warning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = w;
     }
 
     /// Sends the current line as `STATUS=`.

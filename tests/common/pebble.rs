@@ -334,26 +334,68 @@ pub fn fingerprint(der: &[u8]) -> String {
         .join(":")
 }
 
-/// A stand-in ACME CA over HTTPS that creates accounts but answers every new
-/// order with a rate-limit error and `Retry-After: retry_after` seconds.
-/// With an ARI window it also offers `renewalInfo` and suggests that window.
-pub struct RateLimitedCa {
+/// How a [`StandInCa`] behaves; each field one way to misbehave.
+#[derive(Clone, Default)]
+pub struct Script {
+    /// Answer every new order with 429 rateLimited and this `Retry-After`
+    /// (seconds or a date); `None` issues.
+    pub refuse_orders: Option<String>,
+    /// Offer `renewalInfo` and suggest this window.
+    pub ari: AriWindow,
+    /// What the certificate URL returns (a PEM chain); `None`: a chain that does not parse.
+    pub chain: Option<String>,
+    /// Answer polls of the order with 503 and this `Retry-After` (seconds).
+    pub poll_fails: Option<u64>,
+    /// Send the directory without a length and end the connection without close_notify.
+    pub directory_no_close_notify: bool,
+    /// Once an order was placed, advertise new-order at `/order2` instead.
+    pub change_directory: bool,
+    /// Refuse orders with this status line and ACME error type instead of 429 rateLimited.
+    pub refusal: Option<(String, String)>,
+    /// Send every body chunked.
+    pub chunked: bool,
+}
+
+/// A stand-in ACME CA over HTTPS, scripted to misbehave ([`Script`]); it
+/// checks no signatures. Issuing, it marks every authorization valid at once.
+pub struct StandInCa {
     pub addr: SocketAddr,
     /// When each new-order request arrived.
     pub orders: Arc<Mutex<Vec<Instant>>>,
+    /// The paths of the new-order requests.
+    pub order_paths: Arc<Mutex<Vec<String>>>,
     /// The paths of the renewal-information requests.
     pub renewal_info: Arc<Mutex<Vec<String>>>,
+    /// How many accounts were created, orders finalized, directories fetched.
+    pub accounts: Arc<Mutex<usize>>,
+    pub finalized: Arc<Mutex<usize>>,
+    pub directories: Arc<Mutex<usize>>,
 }
+
+/// The stand-in that refuses every order, as Let's Encrypt does at a rate limit.
+pub type RateLimitedCa = StandInCa;
 
 /// A suggested renewal window, RFC 3339 start and end.
 pub type AriWindow = Option<(String, String)>;
 
-impl RateLimitedCa {
-    pub async fn start(pki: &Pki, retry_after: u64) -> RateLimitedCa {
+impl StandInCa {
+    pub async fn start(pki: &Pki, retry_after: u64) -> StandInCa {
         Self::start_with_ari(pki, retry_after, None).await
     }
 
-    pub async fn start_with_ari(pki: &Pki, retry_after: u64, ari: AriWindow) -> RateLimitedCa {
+    pub async fn start_with_ari(pki: &Pki, retry_after: u64, ari: AriWindow) -> StandInCa {
+        Self::scripted(
+            pki,
+            Script {
+                refuse_orders: Some(retry_after.to_string()),
+                ari,
+                ..Script::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn scripted(pki: &Pki, script: Script) -> StandInCa {
         use rustls::pki_types::pem::PemObject;
         let chain = rustls::pki_types::CertificateDer::pem_file_iter(&pki.cert)
             .unwrap()
@@ -371,48 +413,58 @@ impl RateLimitedCa {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let orders = Arc::new(Mutex::new(Vec::new()));
-        let renewal_info = Arc::new(Mutex::new(Vec::new()));
-        let seen = Seen {
-            orders: orders.clone(),
-            renewal_info: renewal_info.clone(),
+        let seen = Seen::default();
+        let ca = StandInCa {
+            addr,
+            orders: seen.orders.clone(),
+            order_paths: seen.order_paths.clone(),
+            renewal_info: seen.renewal_info.clone(),
+            accounts: seen.accounts.clone(),
+            finalized: seen.finalized.clone(),
+            directories: seen.directories.clone(),
         };
+        let script = Arc::new(script);
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 let seen = seen.clone();
-                let ari = ari.clone();
+                let script = script.clone();
                 tokio::spawn(async move {
                     if let Ok(tls) = acceptor.accept(tcp).await {
-                        let _ = serve_acme(tls, addr, retry_after, ari, seen).await;
+                        let _ = serve_acme(tls, addr, &script, seen).await;
                     }
                 });
             }
         });
-        RateLimitedCa {
-            addr,
-            orders,
-            renewal_info,
-        }
+        ca
     }
 
     pub fn directory_url(&self) -> String {
         format!("https://{}/dir", self.addr)
     }
+
+    pub fn order_count(&self) -> usize {
+        self.orders.lock().unwrap().len()
+    }
 }
 
 /// What the stand-in CA records.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Seen {
     orders: Arc<Mutex<Vec<Instant>>>,
+    order_paths: Arc<Mutex<Vec<String>>>,
     renewal_info: Arc<Mutex<Vec<String>>>,
+    accounts: Arc<Mutex<usize>>,
+    finalized: Arc<Mutex<usize>>,
+    directories: Arc<Mutex<usize>>,
+    /// Whether the current order was finalized.
+    done: Arc<Mutex<bool>>,
 }
 
-async fn serve_acme<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    stream: S,
+async fn serve_acme(
+    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     addr: SocketAddr,
-    retry_after: u64,
-    ari: AriWindow,
+    script: &Script,
     seen: Seen,
 ) -> std::io::Result<()> {
     use tokio::io::AsyncBufReadExt;
@@ -449,22 +501,60 @@ async fn serve_acme<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body).await?;
         nonce += 1;
+        let order = |status: &str| {
+            let mut o = serde_json::json!({
+                "status": status,
+                "identifiers": [{"type": "dns", "value": "cams.example.org"}],
+                "authorizations": [format!("{base}/authz/1")],
+                "finalize": format!("{base}/finalize/1"),
+            });
+            if status == "valid" {
+                o["certificate"] = format!("{base}/cert/1").into();
+            }
+            o.to_string()
+        };
+        let problem = |kind: &str, detail: &str, status: u16| {
+            serde_json::json!({
+                "type": format!("urn:ietf:params:acme:error:{kind}"),
+                "detail": detail,
+                "status": status
+            })
+            .to_string()
+        };
         let (status, extra, body) = match (method.as_str(), path.as_str()) {
             ("GET", "/dir") => {
+                *seen.directories.lock().unwrap() += 1;
+                let ordered = !seen.orders.lock().unwrap().is_empty();
+                let new_order = if script.change_directory && ordered {
+                    "order2"
+                } else {
+                    "order"
+                };
                 let mut dir = serde_json::json!({
                     "newNonce": format!("{base}/nonce"),
                     "newAccount": format!("{base}/account"),
-                    "newOrder": format!("{base}/order"),
+                    "newOrder": format!("{base}/{new_order}"),
                     "meta": { "termsOfService": "https://stand-in.example/terms" }
                 });
-                if ari.is_some() {
+                if script.ari.is_some() {
                     dir["renewalInfo"] = format!("{base}/renewal-info").into();
+                }
+                if script.directory_no_close_notify {
+                    let rsp =
+                        format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{dir}");
+                    let mut tls = stream.into_inner();
+                    tls.write_all(rsp.as_bytes()).await?;
+                    tls.flush().await?;
+                    // A bare TCP close: no close_notify.
+                    let (tcp, _) = tls.into_inner();
+                    drop(tcp);
+                    return Ok(());
                 }
                 ("200 OK", String::new(), dir.to_string())
             }
-            ("GET", p) if p.starts_with("/renewal-info/") && ari.is_some() => {
+            ("GET", p) if p.starts_with("/renewal-info/") && script.ari.is_some() => {
                 seen.renewal_info.lock().unwrap().push(p.to_string());
-                let (start, end) = ari.clone().unwrap();
+                let (start, end) = script.ari.clone().unwrap();
                 (
                     "200 OK",
                     "Retry-After: 3600\r\n".to_string(),
@@ -473,36 +563,103 @@ async fn serve_acme<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 )
             }
             ("HEAD", "/nonce") | ("GET", "/nonce") => ("200 OK", String::new(), String::new()),
-            ("POST", "/account") => (
-                "201 Created",
-                format!("Location: {base}/account/1\r\n"),
-                r#"{"status":"valid"}"#.to_string(),
-            ),
-            ("POST", "/order") => {
-                seen.orders.lock().unwrap().push(Instant::now());
+            ("POST", "/account") => {
+                *seen.accounts.lock().unwrap() += 1;
                 (
-                    "429 Too Many Requests",
-                    format!("Retry-After: {retry_after}\r\n"),
-                    serde_json::json!({
-                        "type": "urn:ietf:params:acme:error:rateLimited",
-                        "detail": "too many certificates already issued for this exact set of identifiers",
-                        "status": 429
-                    })
-                    .to_string(),
+                    "201 Created",
+                    format!("Location: {base}/account/1\r\n"),
+                    r#"{"status":"valid"}"#.to_string(),
                 )
             }
+            ("POST", "/order") | ("POST", "/order2") => {
+                seen.orders.lock().unwrap().push(Instant::now());
+                seen.order_paths.lock().unwrap().push(path.clone());
+                match (&script.refuse_orders, &script.refusal) {
+                    (_, Some((status, kind))) => (
+                        status.as_str(),
+                        String::new(),
+                        problem(kind, "refused by the stand-in CA", 400),
+                    ),
+                    (Some(retry_after), None) => (
+                        "429 Too Many Requests",
+                        format!("Retry-After: {retry_after}\r\n"),
+                        problem(
+                            "rateLimited",
+                            "too many certificates already issued for this exact set of identifiers",
+                            429,
+                        ),
+                    ),
+                    (None, None) => {
+                        *seen.done.lock().unwrap() = false;
+                        (
+                            "201 Created",
+                            format!("Location: {base}/order/1\r\n"),
+                            order("ready"),
+                        )
+                    }
+                }
+            }
+            ("POST", "/authz/1") => (
+                "200 OK",
+                String::new(),
+                serde_json::json!({
+                    "status": "valid",
+                    "identifier": {"type": "dns", "value": "cams.example.org"},
+                    "challenges": []
+                })
+                .to_string(),
+            ),
+            ("POST", "/order/1") => match script.poll_fails {
+                Some(secs) => (
+                    "503 Service Unavailable",
+                    format!("Retry-After: {secs}\r\n"),
+                    problem("serverInternal", "the CA is busy; come back later", 503),
+                ),
+                None => {
+                    let done = *seen.done.lock().unwrap();
+                    (
+                        "200 OK",
+                        String::new(),
+                        order(if done { "valid" } else { "ready" }),
+                    )
+                }
+            },
+            ("POST", "/finalize/1") => {
+                *seen.finalized.lock().unwrap() += 1;
+                *seen.done.lock().unwrap() = true;
+                ("200 OK", String::new(), order("valid"))
+            }
+            ("POST", "/cert/1") => (
+                "200 OK",
+                String::new(),
+                script.chain.clone().unwrap_or_else(|| {
+                    "-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n".into()
+                }),
+            ),
             _ => ("404 Not Found", String::new(), String::new()),
         };
-        let content_type = if status.starts_with('4') && !body.is_empty() {
+        let content_type = if status.starts_with(['4', '5']) && !body.is_empty() {
             "application/problem+json"
+        } else if path == "/cert/1" {
+            "application/pem-certificate-chain"
         } else {
             "application/json"
         };
-        let response = format!(
-            "HTTP/1.1 {status}\r\nReplay-Nonce: nonce-{nonce}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\r\n{}",
-            body.len(),
-            if method == "HEAD" { "" } else { body.as_str() }
-        );
+        let body = if method == "HEAD" { "" } else { body.as_str() };
+        let response = if script.chunked && !body.is_empty() {
+            // In two chunks, with an extension and a trailer, as a proxy might.
+            let (a, b) = body.split_at(body.len() / 2);
+            format!(
+                "HTTP/1.1 {status}\r\nReplay-Nonce: nonce-{nonce}\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n{extra}\r\n{:x};x=y\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\nX-Trailer: t\r\n\r\n",
+                a.len(),
+                b.len()
+            )
+        } else {
+            format!(
+                "HTTP/1.1 {status}\r\nReplay-Nonce: nonce-{nonce}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+                body.len()
+            )
+        };
         stream.get_mut().write_all(response.as_bytes()).await?;
         stream.get_mut().flush().await?;
     }
