@@ -448,11 +448,11 @@ async fn silent_client_is_closed_at_the_handshake_timeout() {
 async fn connection_limit_refuses_new_ones_and_keeps_open_ones() {
     let pki = Pki::new();
     let echo = backends::echo().await;
-    // Both from 127.0.0.1: the per-source default would be one of the two.
+    // All from 127.0.0.1: above the cap, so that the cap is what refuses.
     let fwd = start(
         &pki,
         &[map_to(echo)],
-        &["--max-connections", "2", "--per-source-connections", "2"],
+        &["--max-connections", "2", "--per-source-connections", "3"],
     );
     let cfg = pki.client_config();
     let mut held = Vec::new();

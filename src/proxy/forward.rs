@@ -140,9 +140,12 @@ pub async fn serve(
         // Hostile traffic costs little: no line of its own; the gate's
         // summary counts it.
         End::Refused => return,
-        End::HandshakeFailed(_) | End::HandshakeTimeout | End::NoRoute => {
-            ctx.gate.handshake_failed(peer.ip())
-        }
+        // Bytes that are not a handshake we take count toward a ban. A
+        // connection closed or left silent is not counted: browsers open
+        // spare connections and drop them unused, and the per-source
+        // numbers already bound what silent ones hold.
+        End::HandshakeFailed(e) if !is_hang_up(e) => ctx.gate.handshake_failed(peer.ip()),
+        End::NoRoute => ctx.gate.handshake_failed(peer.ip()),
         _ => {}
     }
     let (up, down) = stats.bytes();
@@ -186,6 +189,18 @@ pub async fn serve(
             "connection closed"
         ),
     }
+}
+
+/// Whether a handshake error is the client going away rather than sending
+/// something wrong.
+fn is_hang_up(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
 }
 
 async fn run(
