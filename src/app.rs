@@ -13,6 +13,7 @@ use crate::net::activation::{self, Passed};
 use crate::net::listener::{self, Listener};
 use crate::net::server::{Limits, Server, ServerHandle};
 use crate::net::sys;
+use crate::policy::Gate;
 use crate::proxy::forward::Context;
 use crate::proxy::routes::{FrontendHandle, RouteTable, TableBuilder};
 use crate::service::notify::Notifier;
@@ -41,6 +42,8 @@ pub struct Served {
     pub resolver: Arc<tls::CertResolver>,
     /// One per frontend, in the configuration's order.
     pub frontends: Vec<Arc<FrontendHandle>>,
+    /// The source lists, limits and bans (its numbers change on reload).
+    pub gate: Arc<Gate>,
 }
 
 impl Served {
@@ -176,8 +179,11 @@ pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Res
         .zip(tables)
         .map(|(f, t)| FrontendHandle::new(f.listen, t))
         .collect();
+    let gate = Gate::new(config.sources);
+    tracing::debug!(sources = ?config.sources, "per-source limits");
     let ctx = Arc::new(Context {
         challenges: tls::TlsRouter::new(),
+        gate: gate.clone(),
     });
 
     let listeners = match sockets {
@@ -205,6 +211,7 @@ pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Res
             provider,
             resolver,
             frontends,
+            gate,
         },
         acme: acme_task,
     })
@@ -272,6 +279,7 @@ pub async fn run_with(
     let reloading = tokio::spawn(reloads.run());
     let watchdog = tokio::spawn(notifier.clone().run_watchdog());
     let refresh = tokio::spawn(status.refresh_every(STATUS_REFRESH));
+    let summaries = tokio::spawn(prepared.ctx.gate.clone().run_summaries());
     let shutdown = async {
         shutdown.await;
         // No reload (and so no READY=1) or status once stopping has begun.
@@ -281,6 +289,7 @@ pub async fn run_with(
     };
     server.run_until(shutdown).await;
     watchdog.abort();
+    summaries.abort();
     Ok(())
 }
 

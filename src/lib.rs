@@ -11,6 +11,7 @@ pub mod acme;
 pub mod app;
 pub mod config;
 pub mod net;
+pub mod policy;
 pub mod proxy;
 pub mod service;
 pub mod tls;

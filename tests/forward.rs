@@ -140,7 +140,12 @@ async fn sixty_four_mib_each_way_at_once_byte_exact() {
 async fn two_hundred_concurrent_connections() {
     let pki = Pki::new();
     let echo = backends::echo().await;
-    let fwd = start(&pki, &[map_to(echo)], &["--threads", "1"]);
+    // All from 127.0.0.1: above the per-source default of 64.
+    let fwd = start(
+        &pki,
+        &[map_to(echo)],
+        &["--threads", "1", "--per-source-connections", "200"],
+    );
     let addr = fwd.addr(0);
     let cfg = pki.client_config();
     let mut tasks = Vec::new();
@@ -443,7 +448,12 @@ async fn silent_client_is_closed_at_the_handshake_timeout() {
 async fn connection_limit_refuses_new_ones_and_keeps_open_ones() {
     let pki = Pki::new();
     let echo = backends::echo().await;
-    let fwd = start(&pki, &[map_to(echo)], &["--max-connections", "2"]);
+    // All from 127.0.0.1: above the cap, so that the cap is what refuses.
+    let fwd = start(
+        &pki,
+        &[map_to(echo)],
+        &["--max-connections", "2", "--per-source-connections", "3"],
+    );
     let cfg = pki.client_config();
     let mut held = Vec::new();
     for _ in 0..2 {

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::layer::{AcmeLayer, FrontendSpec, Layer, RouteSettings, RouteSpec};
 use super::{CertPair, Duration, MapSpec, Origin, ProxyProtocol, Secret};
+use crate::policy::Cidr;
 
 const ABOUT: &str = "A small, fast layer-4 TLS-terminating TCP forwarder.";
 
@@ -262,6 +263,51 @@ pub struct RunArgs {
     )]
     pub acme_eab_hmac_key: Option<Secret>,
 
+    /// Admit only sources in this block, like 192.168.1.0/24, 203.0.113.7 or
+    /// 2001:db8::/48 (repeatable; for every --map). Checked right after accept.
+    #[arg(long = "allow", value_name = "CIDR")]
+    pub allow: Vec<Cidr>,
+
+    /// Refuse sources in this block, even when --allow admits them
+    /// (repeatable; for every --map).
+    #[arg(long = "deny", value_name = "CIDR")]
+    pub deny: Vec<Cidr>,
+
+    /// Connections one source (an IPv4 address, an IPv6 /64) may have open
+    /// at once. [default: a quarter of --max-connections, at most 64]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_source_connections: Option<u32>,
+
+    /// New connections one source may open per minute (bursts up to this
+    /// many are fine). [default: 600]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_source_rate: Option<u32>,
+
+    /// Failed handshakes (within ten minutes) after which a source is refused
+    /// for a cool-off. [default: 20]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ban_after: Option<u32>,
+
+    /// The first cool-off; it doubles with each further offence. [default: 1m]
+    #[arg(long, value_name = "DURATION")]
+    pub ban_time: Option<Duration>,
+
+    /// The longest cool-off. [default: 1h]
+    #[arg(long, value_name = "DURATION")]
+    pub max_ban_time: Option<Duration>,
+
+    /// Count IPv4 sources per block of this prefix length. [default: 32]
+    #[arg(long, value_name = "BITS", value_parser = clap::value_parser!(u8).range(8..=32))]
+    pub source_prefix_v4: Option<u8>,
+
+    /// Count IPv6 sources per block of this prefix length. [default: 64]
+    #[arg(long, value_name = "BITS", value_parser = clap::value_parser!(u8).range(16..=128))]
+    pub source_prefix_v6: Option<u8>,
+
+    /// How often refused connections are summed up in the log (for tests).
+    #[arg(long, value_name = "DURATION", hide = true)]
+    pub refusal_log_interval: Option<Duration>,
+
     /// Where ACME keeps its account, certificate and key [default:
     /// $STATE_DIRECTORY when systemd sets it, else /var/lib/tcpfwd].
     #[arg(long, value_name = "DIR")]
@@ -320,6 +366,10 @@ impl RunArgs {
                 close_timeout: self.close_timeout,
                 proxy_protocol: self.proxy_protocol.map(Some),
                 alpn: (!self.alpn.is_empty()).then(|| self.alpn.clone()),
+                allow: (!self.allow.is_empty()).then(|| self.allow.clone()),
+                deny: (!self.deny.is_empty()).then(|| self.deny.clone()),
+                per_source_connections: self.per_source_connections,
+                per_source_rate: self.per_source_rate,
             },
             certs: self
                 .cert
@@ -348,6 +398,12 @@ impl RunArgs {
             threads: self.threads,
             log_level: self.log_level.clone(),
             log_format: self.log_format.map(Into::into),
+            ban_after: self.ban_after,
+            ban_time: self.ban_time,
+            max_ban_time: self.max_ban_time,
+            source_prefix_v4: self.source_prefix_v4,
+            source_prefix_v6: self.source_prefix_v6,
+            refusal_log_interval: self.refusal_log_interval,
             file: None,
         })
     }

@@ -18,6 +18,7 @@ use super::layer::{
 };
 use super::map::{parse_backend, parse_listen, parse_route_name, valid_hostname};
 use super::{CertPair, CipherPreference, Duration, LogFormat, Origin, ProxyProtocol, Secret};
+use crate::policy::Cidr;
 
 /// Reads `path` into a layer; the error names the file, line and column.
 pub fn load(path: &Path) -> Result<Layer, String> {
@@ -155,6 +156,10 @@ const ROUTE_SETTINGS: &[&str] = &[
     "close_timeout",
     "proxy_protocol",
     "alpn",
+    "allow",
+    "deny",
+    "per_source_connections",
+    "per_source_rate",
 ];
 const TABLES: &[(&str, &[&str])] = &[
     (
@@ -166,6 +171,11 @@ const TABLES: &[(&str, &[&str])] = &[
             "cipher_preference",
             "log_level",
             "log_format",
+            "ban_after",
+            "ban_time",
+            "max_ban_time",
+            "source_prefix_v4",
+            "source_prefix_v6",
             "self_signed_names",
             "state_dir",
             "cert",
@@ -285,6 +295,10 @@ macro_rules! with_route_settings {
             close_timeout: Option<Spanned<String>>,
             proxy_protocol: Option<Spanned<String>>,
             alpn: Option<Vec<Spanned<String>>>,
+            allow: Option<Vec<Spanned<String>>>,
+            deny: Option<Vec<Spanned<String>>>,
+            per_source_connections: Option<Spanned<i64>>,
+            per_source_rate: Option<Spanned<i64>>,
         }
 
         impl $name {
@@ -308,6 +322,18 @@ macro_rules! with_route_settings {
                         })
                         .transpose()?,
                     alpn: self.alpn.as_ref().map(|list| alpn(src, list)).transpose()?,
+                    allow: self.allow.as_ref().map(|l| cidrs(src, "allow", l)).transpose()?,
+                    deny: self.deny.as_ref().map(|l| cidrs(src, "deny", l)).transpose()?,
+                    per_source_connections: self
+                        .per_source_connections
+                        .as_ref()
+                        .map(|v| count(src, "per_source_connections", v, i64::from(MAX_CONNECTIONS)))
+                        .transpose()?,
+                    per_source_rate: self
+                        .per_source_rate
+                        .as_ref()
+                        .map(|v| count(src, "per_source_rate", v, 1_000_000_000))
+                        .transpose()?,
                 })
             }
         }
@@ -324,6 +350,11 @@ with_route_settings! {
         cipher_preference: Option<Spanned<String>>,
         log_level: Option<Spanned<String>>,
         log_format: Option<Spanned<String>>,
+        ban_after: Option<Spanned<i64>>,
+        ban_time: Option<Spanned<String>>,
+        max_ban_time: Option<Spanned<String>>,
+        source_prefix_v4: Option<Spanned<i64>>,
+        source_prefix_v6: Option<Spanned<i64>>,
         self_signed_names: Option<Vec<Spanned<String>>>,
         state_dir: Option<Spanned<String>>,
         cert: Option<Vec<CertDoc>>,
@@ -448,6 +479,37 @@ fn alpn(src: &Source, list: &[Spanned<String>]) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// An array of CIDR blocks; the error points at the bad one.
+fn cidrs(src: &Source, key: &str, list: &[Spanned<String>]) -> Result<Vec<Cidr>, String> {
+    list.iter()
+        .map(|c| {
+            c.get_ref()
+                .parse::<Cidr>()
+                .map_err(|why| src.error(&c.span(), format!("`{key}`: {why}")))
+        })
+        .collect()
+}
+
+/// A whole number from 1 to `max`, as a u32.
+fn count(src: &Source, key: &str, v: &Spanned<i64>, max: i64) -> Result<u32, String> {
+    u32::try_from(in_range(src, key, v, max)?)
+        .map_err(|_| src.error(&v.span(), format!("`{key}` is out of range")))
+}
+
+/// A prefix length from `min` to `max`.
+fn prefix(src: &Source, key: &str, v: &Spanned<i64>, min: u8, max: u8) -> Result<u8, String> {
+    let n = *v.get_ref();
+    u8::try_from(n)
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            src.error(
+                &v.span(),
+                format!("`{key}` = {n} is out of range: expected {min} to {max}"),
+            )
+        })
+}
+
 fn in_range(src: &Source, key: &str, v: &Spanned<i64>, max: i64) -> Result<i64, String> {
     let n = *v.get_ref();
     if (1..=max).contains(&n) {
@@ -559,6 +621,24 @@ impl TopDoc {
                 .as_ref()
                 .map(|v| choice::<LogFormat>(src, "log_format", v, "\"text\" or \"json\""))
                 .transpose()?,
+            ban_after: self
+                .ban_after
+                .as_ref()
+                .map(|v| count(src, "ban_after", v, 1_000_000))
+                .transpose()?,
+            ban_time: timeout(src, "ban_time", &self.ban_time)?,
+            max_ban_time: timeout(src, "max_ban_time", &self.max_ban_time)?,
+            source_prefix_v4: self
+                .source_prefix_v4
+                .as_ref()
+                .map(|v| prefix(src, "source_prefix_v4", v, 8, 32))
+                .transpose()?,
+            source_prefix_v6: self
+                .source_prefix_v6
+                .as_ref()
+                .map(|v| prefix(src, "source_prefix_v6", v, 16, 128))
+                .transpose()?,
+            refusal_log_interval: None,
             file: Some(src.path.to_path_buf()),
         })
     }
@@ -759,6 +839,7 @@ listen = "[::1]:7682"
                             close_timeout: Some(d("3s")),
                             proxy_protocol: Some(Some(ProxyProtocol::V1)),
                             alpn: Some(vec![]),
+                            ..RouteSettings::default()
                         },
                         origin: at(29, 3),
                     }],
@@ -781,6 +862,7 @@ listen = "[::1]:7682"
                 close_timeout: Some(d("50s")),
                 proxy_protocol: Some(Some(ProxyProtocol::V2)),
                 alpn: Some(vec!["http/1.1".into()]),
+                ..RouteSettings::default()
             },
             certs: vec![],
             self_signed_names: vec!["dvr.local".into()],
@@ -802,6 +884,7 @@ listen = "[::1]:7682"
             log_level: Some("debug".into()),
             log_format: Some(LogFormat::Json),
             file: Some(path().to_path_buf()),
+            ..Layer::default()
         };
         assert_eq!(l, expected);
         assert!(!format!("{l:?}").contains("c2VjcmV0"), "secret in Debug");
@@ -1050,6 +1133,42 @@ listen = "[::1]:7682"
             12,
             &["`domains`", "wildcard"],
         );
+    }
+
+    #[test]
+    fn source_lists_and_limits() {
+        let text = "allow = [\"192.168.1.0/24\", \"2001:db8::/48\"]\nper_source_rate = 30\nban_after = 5\nban_time = \"2m\"\nsource_prefix_v6 = 56\n[[frontend]]\nlisten = \"443\"\ndeny = [\"192.168.1.66\"]\n  [[frontend.route]]\n  sni = [\"nas.example.org\"]\n  backend = \"nas.lan:5000\"\n  allow = [\"::ffff:192.168.1.20\"]\n  per_source_connections = 4\n";
+        let l = parse(text, path()).unwrap();
+        let c = layer::build(Some(l), Layer::default()).unwrap();
+        let f = &c.frontends[0];
+        assert_eq!(f.access.allow.len(), 2);
+        assert_eq!(f.access.deny[0].to_string(), "192.168.1.66/32");
+        let r = &f.routes[0];
+        assert_eq!(r.access.allow[0].to_string(), "192.168.1.20/32");
+        assert!(
+            r.access.deny.is_empty(),
+            "the frontend's lists are checked at accept"
+        );
+        let own = r.source_limits.unwrap();
+        assert_eq!((own.connections, own.per_minute), (4, 30));
+        assert_eq!(c.sources.limits.per_minute, 30);
+        assert_eq!(c.sources.bans.after, 5);
+        assert_eq!(c.sources.bans.first, std::time::Duration::from_secs(120));
+        assert_eq!(c.sources.prefix_v6, 56);
+        fails(
+            "[[frontend]]\nlisten = \"443\"\n[[frontend.route]]\nbackend = \"a:1\"\ndeny = [\"10.0.0.0/8\", \"10.0.0.300\"]\n",
+            5,
+            23,
+            &["`deny`: invalid CIDR '10.0.0.300'"],
+        );
+        fails(
+            "allow = [\"10.1.0.0/8\"]\n",
+            1,
+            10,
+            &["did you mean 10.0.0.0/8?"],
+        );
+        fails("per_source_connections = 0\n", 1, 26, &["out of range"]);
+        fails("source_prefix_v4 = 40\n", 1, 20, &["expected 8 to 32"]);
     }
 
     #[test]

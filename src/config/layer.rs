@@ -22,6 +22,7 @@ use super::{
     HmacKey, Listen, LogFormat, Logging, Origin, ProxyProtocol, Route, Secret, SniName, Timeouts,
     LETS_ENCRYPT, LETS_ENCRYPT_STAGING,
 };
+use crate::policy::{AccessList, BanRules, Cidr, SourceLimits, SourcePolicy};
 
 /// Route settings as a source gave them; `None` means "not said here".
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -38,6 +39,14 @@ pub struct RouteSettings {
     pub proxy_protocol: Option<Option<ProxyProtocol>>,
     /// ALPN protocols to advertise.
     pub alpn: Option<Vec<String>>,
+    /// Sources admitted (when not empty); on a route, on top of its frontend's.
+    pub allow: Option<Vec<Cidr>>,
+    /// Sources refused, even when allowed.
+    pub deny: Option<Vec<Cidr>>,
+    /// Connections open at once per source.
+    pub per_source_connections: Option<u32>,
+    /// New connections per minute per source.
+    pub per_source_rate: Option<u32>,
 }
 
 impl RouteSettings {
@@ -50,6 +59,10 @@ impl RouteSettings {
             close_timeout: self.close_timeout.or(base.close_timeout),
             proxy_protocol: self.proxy_protocol.or(base.proxy_protocol),
             alpn: self.alpn.clone().or_else(|| base.alpn.clone()),
+            allow: self.allow.clone().or_else(|| base.allow.clone()),
+            deny: self.deny.clone().or_else(|| base.deny.clone()),
+            per_source_connections: self.per_source_connections.or(base.per_source_connections),
+            per_source_rate: self.per_source_rate.or(base.per_source_rate),
         }
     }
 }
@@ -130,6 +143,18 @@ pub struct Layer {
     pub log_level: Option<String>,
     /// Log format.
     pub log_format: Option<LogFormat>,
+    /// Failed handshakes that start a source's cool-off.
+    pub ban_after: Option<u32>,
+    /// The first cool-off.
+    pub ban_time: Option<Duration>,
+    /// The longest cool-off.
+    pub max_ban_time: Option<Duration>,
+    /// IPv4 sources are counted per block of this prefix.
+    pub source_prefix_v4: Option<u8>,
+    /// IPv6 sources are counted per block of this prefix.
+    pub source_prefix_v6: Option<u8>,
+    /// How often refused connections are summed up in the log.
+    pub refusal_log_interval: Option<Duration>,
     /// The file, for the file's layer.
     pub file: Option<PathBuf>,
 }
@@ -144,6 +169,13 @@ pub const MAX_THREADS: u16 = 1024;
 pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
     let file = file.unwrap_or_default();
     let defaults = cli.defaults.over(&file.defaults);
+    let max_connections = cli.max_connections.or(file.max_connections).unwrap_or(1024);
+    if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
+        return Err(format!(
+            "max_connections {max_connections} is out of range: use 1 to {MAX_CONNECTIONS}"
+        ));
+    }
+    let sources = sources(&file, &cli, &defaults, max_connections as usize)?;
 
     let mut frontends: Vec<(FrontendSpec, Vec<Route>)> = Vec::new();
     for spec in file.frontends.iter().chain(cli.frontends.iter()) {
@@ -155,7 +187,8 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
         }
         let mut routes = Vec::with_capacity(spec.routes.len());
         for r in &spec.routes {
-            routes.push(route(r, &r.settings.over(&spec.settings.over(&defaults)))?);
+            let s = r.settings.over(&spec.settings.over(&defaults));
+            routes.push(route(r, &s, sources.limits)?);
         }
         // Port 0 asks the kernel for a fresh port: never the same frontend.
         let same = |f: &FrontendSpec| f.listen == spec.listen && spec.listen.port != 0;
@@ -185,7 +218,10 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
     }
     let frontends: Vec<Frontend> = frontends
         .into_iter()
-        .map(|(spec, routes)| check_frontend(spec.listen, routes))
+        .map(|(spec, routes)| {
+            let own = spec.settings.over(&defaults);
+            check_frontend(spec.listen, routes, access(&own))
+        })
         .collect::<Result<_, _>>()?;
 
     let acme_on = cli.acme.enabled || file.acme.enabled;
@@ -207,12 +243,6 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
         CertSource::SelfSigned { extra_names }
     };
 
-    let max_connections = cli.max_connections.or(file.max_connections).unwrap_or(1024);
-    if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
-        return Err(format!(
-            "max_connections {max_connections} is out of range: use 1 to {MAX_CONNECTIONS}"
-        ));
-    }
     let workers = match cli.threads.or(file.threads) {
         Some(n) if (1..=MAX_THREADS).contains(&n) => usize::from(n),
         Some(n) => {
@@ -247,7 +277,92 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
                 .unwrap_or(LogFormat::Text),
         },
         file: file.file.clone(),
+        sources,
     })
+}
+
+/// A source's allow and deny lists, as resolved.
+fn access(s: &RouteSettings) -> AccessList {
+    AccessList {
+        allow: s.allow.clone().unwrap_or_default(),
+        deny: s.deny.clone().unwrap_or_default(),
+    }
+}
+
+/// The process-wide source numbers: the command line's, else the file's top
+/// level, else the defaults for `max_connections`.
+fn sources(
+    file: &Layer,
+    cli: &Layer,
+    defaults: &RouteSettings,
+    max_connections: usize,
+) -> Result<SourcePolicy, String> {
+    let mut p = SourcePolicy::defaults(max_connections);
+    let at_least_one = |name: &str, v: Option<u32>, default: u32| match v {
+        Some(0) => Err(format!("{name} must be at least 1")),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    p.limits = SourceLimits {
+        connections: at_least_one(
+            "--per-source-connections",
+            defaults.per_source_connections,
+            p.limits.connections,
+        )?,
+        per_minute: at_least_one(
+            "--per-source-rate",
+            defaults.per_source_rate,
+            p.limits.per_minute,
+        )?,
+    };
+    let positive = |name: &str, d: Option<Duration>, default: std::time::Duration| match d {
+        Some(d) if d.0.is_zero() => Err(format!("{name} must be more than 0")),
+        Some(d) => Ok(d.0),
+        None => Ok(default),
+    };
+    p.bans = BanRules {
+        after: at_least_one(
+            "--ban-after",
+            cli.ban_after.or(file.ban_after),
+            p.bans.after,
+        )?,
+        first: positive("--ban-time", cli.ban_time.or(file.ban_time), p.bans.first)?,
+        longest: positive(
+            "--max-ban-time",
+            cli.max_ban_time.or(file.max_ban_time),
+            p.bans.longest,
+        )?,
+    };
+    if p.bans.longest < p.bans.first {
+        return Err(format!(
+            "--max-ban-time ({:?}) is shorter than --ban-time ({:?}); the cool-off doubles from --ban-time up to --max-ban-time",
+            p.bans.longest, p.bans.first
+        ));
+    }
+    p.prefix_v4 = match cli.source_prefix_v4.or(file.source_prefix_v4) {
+        Some(n @ 8..=32) => n,
+        Some(n) => {
+            return Err(format!(
+                "--source-prefix-v4 {n} is out of range: use 8 to 32"
+            ))
+        }
+        None => p.prefix_v4,
+    };
+    p.prefix_v6 = match cli.source_prefix_v6.or(file.source_prefix_v6) {
+        Some(n @ 16..=128) => n,
+        Some(n) => {
+            return Err(format!(
+                "--source-prefix-v6 {n} is out of range: use 16 to 128"
+            ))
+        }
+        None => p.prefix_v6,
+    };
+    p.summary_every = positive(
+        "--refusal-log-interval",
+        cli.refusal_log_interval.or(file.refusal_log_interval),
+        p.summary_every,
+    )?;
+    Ok(p)
 }
 
 fn describe(spec: &FrontendSpec) -> String {
@@ -258,7 +373,7 @@ fn describe(spec: &FrontendSpec) -> String {
 }
 
 /// Resolves one route's settings and checks its names.
-fn route(spec: &RouteSpec, s: &RouteSettings) -> Result<Route, String> {
+fn route(spec: &RouteSpec, s: &RouteSettings, global: SourceLimits) -> Result<Route, String> {
     let at = &spec.origin;
     let positive = |name: &str, d: Option<Duration>, default: std::time::Duration| match d {
         None => Ok(default),
@@ -296,7 +411,22 @@ fn route(spec: &RouteSpec, s: &RouteSettings) -> Result<Route, String> {
             names.push(n);
         }
     }
+    let limits = SourceLimits {
+        connections: match s.per_source_connections {
+            Some(0) => return Err(format!("per_source_connections must be at least 1 ({at})")),
+            Some(n) => n,
+            None => global.connections,
+        },
+        per_minute: match s.per_source_rate {
+            Some(0) => return Err(format!("per_source_rate must be at least 1 ({at})")),
+            Some(n) => n,
+            None => global.per_minute,
+        },
+    };
     Ok(Route {
+        // The route's own lists: its frontend's are checked at accept.
+        access: access(&spec.settings),
+        source_limits: (limits != global).then_some(limits),
         default: spec.default || names.is_empty(),
         names,
         backend: spec.backend.clone(),
@@ -308,7 +438,11 @@ fn route(spec: &RouteSpec, s: &RouteSettings) -> Result<Route, String> {
 }
 
 /// One frontend's routes: names unique, at most one default.
-fn check_frontend(listen: Listen, routes: Vec<Route>) -> Result<Frontend, String> {
+fn check_frontend(
+    listen: Listen,
+    routes: Vec<Route>,
+    access: AccessList,
+) -> Result<Frontend, String> {
     for (i, r) in routes.iter().enumerate() {
         for other in &routes[..i] {
             if r.default && other.default {
@@ -325,7 +459,11 @@ fn check_frontend(listen: Listen, routes: Vec<Route>) -> Result<Frontend, String
             }
         }
     }
-    Ok(Frontend { listen, routes })
+    Ok(Frontend {
+        listen,
+        routes,
+        access,
+    })
 }
 
 /// ACME's settings: the command line's over the file's; names from both and
@@ -548,6 +686,28 @@ mod tests {
         assert_eq!(b.idle, Some(s(300)));
         assert_eq!(b.close, s(9));
         assert_eq!(b.connect, s(5));
+    }
+
+    #[test]
+    fn source_limits_default_from_max_connections_and_tighten_per_route() {
+        let c = build(None, map_layer(&["443:a:80"])).unwrap();
+        assert_eq!(c.sources.limits.connections, 64);
+        assert_eq!(c.frontends[0].routes[0].source_limits, None);
+        let mut cli = map_layer(&["443:a:80", "444:b:80"]);
+        cli.max_connections = Some(10);
+        cli.frontends[1].routes[0].settings.per_source_rate = Some(5);
+        cli.defaults.deny = Some(vec!["10.0.0.0/8".parse().unwrap()]);
+        let c = build(None, cli).unwrap();
+        assert_eq!(c.sources.limits.connections, 2);
+        let own = c.frontends[1].routes[0].source_limits.unwrap();
+        assert_eq!((own.connections, own.per_minute), (2, 5));
+        for f in &c.frontends {
+            assert_eq!(f.access.deny.len(), 1, "--deny is for every --map");
+        }
+        let mut bad = map_layer(&["443:a:80"]);
+        bad.ban_time = Some("2h".parse().unwrap());
+        let e = build(None, bad).unwrap_err();
+        assert!(e.contains("--max-ban-time"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub mod map;
 pub use duration::Duration;
 pub use map::{Backend, BackendHost, Listen, MapError, MapSpec};
 
+use crate::policy::{AccessList, SourceLimits, SourcePolicy};
+
 /// The validated configuration the server runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -39,6 +41,8 @@ pub struct Config {
     pub log: Logging,
     /// The file this came from, re-read on SIGHUP.
     pub file: Option<PathBuf>,
+    /// Per-source limits, bans and the refusal summary, for every connection.
+    pub sources: SourcePolicy,
 }
 
 /// Where a listening address terminates TLS, and the routes it serves.
@@ -48,6 +52,8 @@ pub struct Frontend {
     pub listen: Listen,
     /// At least one; names unique; at most one default.
     pub routes: Vec<Route>,
+    /// Checked right after accept, before any byte is read.
+    pub access: AccessList,
 }
 
 /// A server name a route answers.
@@ -94,6 +100,11 @@ pub struct Route {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// ALPN protocols to advertise; empty means none.
     pub alpn: Vec<Vec<u8>>,
+    /// Checked after the ClientHello, on top of the frontend's lists.
+    pub access: AccessList,
+    /// Its own per-source numbers, counted after the ClientHello on top of
+    /// the process-wide ones; `None` when it has the process-wide ones.
+    pub source_limits: Option<SourceLimits>,
     /// Where the route was said, for messages.
     pub origin: Origin,
 }

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::Listen;
 use crate::net::listener::Listener;
+use crate::policy::trim::{self, HighWater};
 use crate::proxy::forward::{self, Context};
 
 /// Limits that apply to the whole server.
@@ -45,6 +46,10 @@ struct Shared {
     stop_accept: watch::Receiver<bool>,
     /// Set when the drain times out: close what is still open.
     force_close: watch::Receiver<bool>,
+    /// The most connections open since the trimmer last looked.
+    high_water: Arc<HighWater>,
+    /// `--max-connections`, to count open connections from `slots`.
+    max_connections: usize,
 }
 
 /// Accepting on every worker; `run_until` drains it.
@@ -59,6 +64,8 @@ pub struct Server {
     accepting: mpsc::Receiver<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
     handle: ServerHandle,
+    /// Gives the heap back after floods (`trim::after_floods`).
+    trimmer: tokio::task::JoinHandle<()>,
 }
 
 /// Adds and removes listening sockets while the server runs; cheap to clone.
@@ -208,11 +215,14 @@ impl Server {
         let (finished_tx, finished) = watch::channel(false);
         // Each accept loop holds a sender; `recv` gives None once all are gone.
         let (accepting_tx, accepting) = mpsc::channel::<()>(1);
+        let high_water = Arc::new(HighWater::default());
         let shared = Shared {
             ctx,
             slots: slots.clone(),
             stop_accept,
             force_close,
+            high_water: high_water.clone(),
+            max_connections: limits.max_connections,
         };
 
         let mut threads = Vec::new();
@@ -250,6 +260,12 @@ impl Server {
         }
         // From here on only the accept loops hold `accepting` senders.
         drop(accepting_tx);
+        let trimmer = {
+            let (slots, max) = (slots.clone(), limits.max_connections);
+            tokio::spawn(trim::after_floods(high_water, move || {
+                max.saturating_sub(slots.available_permits())
+            }))
+        };
         Ok(Server {
             limits,
             slots,
@@ -259,6 +275,7 @@ impl Server {
             accepting,
             threads,
             handle,
+            trimmer,
         })
     }
 
@@ -270,6 +287,7 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting and drains.
     pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) {
         shutdown.await;
+        self.trimmer.abort();
         let _ = self.stop_accept.send(true);
         // The listeners close as the loops on every worker end: no new
         // connection after this.
@@ -362,6 +380,8 @@ async fn accept_loop(l: Listener, shared: Shared, signals: LoopSignals) {
         slots,
         stop_accept: mut stop,
         force_close,
+        high_water,
+        max_connections,
     } = shared;
     let LoopSignals {
         accepting,
@@ -401,13 +421,21 @@ async fn accept_loop(l: Listener, shared: Shared, signals: LoopSignals) {
                 continue;
             }
         };
+        // The frontend's lists, the source's ban and numbers: a refused
+        // connection is closed before any byte is read, and only counted.
+        let pass = match ctx.gate.admit(peer.ip(), &l.frontend.table().access) {
+            Ok(pass) => pass,
+            Err(_) => continue,
+        };
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
+                high_water.note(max_connections.saturating_sub(slots.available_permits()));
                 let frontend = l.frontend.clone();
                 let ctx = ctx.clone();
                 let force_close = force_close.clone();
                 tokio::spawn(async move {
                     forward::serve(tcp, peer, frontend, ctx, force_close).await;
+                    drop(pass);
                     drop(permit);
                 });
             }

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::net::connect;
+use crate::policy::{Gate, Pass};
 use crate::proxy::routes::{ActiveRoute, FrontendHandle};
 use crate::proxy::splice::{self, Counted, Expired, Side, Stats};
 use crate::tls::conn;
@@ -21,6 +22,8 @@ use crate::tls::TlsRouter;
 pub struct Context {
     /// Answers ACME's TLS-ALPN-01 validations before any route is chosen.
     pub challenges: Arc<TlsRouter>,
+    /// Source lists, limits and bans.
+    pub gate: Arc<Gate>,
 }
 
 /// What a connection learnt on its way, for its log line.
@@ -36,6 +39,8 @@ struct Seen {
     kx: Option<rustls::NamedGroup>,
     /// The address the backend was reached at.
     backend_addr: Option<SocketAddr>,
+    /// The route's own per-source count of this connection, if it has one.
+    route_pass: Option<Pass>,
 }
 
 /// How a connection ended, for its log event.
@@ -56,6 +61,9 @@ enum End {
     Failed(String),
     /// The shutdown deadline passed.
     Shutdown,
+    /// The route's lists or numbers refused the source (the gate counts
+    /// why; no log line).
+    Refused,
 }
 
 impl End {
@@ -73,6 +81,7 @@ impl End {
             End::Expired(Expired::Close) => "close timeout",
             End::Failed(_) => "error",
             End::Shutdown => "shutdown",
+            End::Refused => "refused",
         }
     }
 
@@ -128,6 +137,18 @@ pub async fn serve(
         end = run(tcp, peer, &frontend, &ctx, &stats, &mut seen) => end,
         _ = stop.wait_for(|s| *s) => End::Shutdown,
     };
+    match &end {
+        // Hostile traffic costs little: no line of its own; the gate's
+        // summary counts it.
+        End::Refused => return,
+        // Bytes that are not a handshake we take count toward a ban. A
+        // connection closed or left silent is not counted: browsers open
+        // spare connections and drop them unused, and the per-source
+        // numbers already bound what silent ones hold.
+        End::HandshakeFailed(e) if !is_hang_up(e) => ctx.gate.handshake_failed(peer.ip()),
+        End::NoRoute => ctx.gate.handshake_failed(peer.ip()),
+        _ => {}
+    }
     let (up, down) = stats.bytes();
     let ms = started.elapsed().as_millis() as u64;
     let detail = end.detail().or_else(|| stats.error_text());
@@ -173,6 +194,18 @@ pub async fn serve(
     }
 }
 
+/// Whether a handshake error is the client going away rather than sending
+/// something wrong.
+fn is_hang_up(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
 async fn run(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -215,6 +248,14 @@ async fn run(
                 },
             }
         };
+        if let Some(r) = &route {
+            let (access, limits) = (&r.route.access, r.route.source_limits);
+            match ctx.gate.admit_route(peer.ip(), access, limits, r.scope) {
+                // The ClientHello is dropped unanswered: closed without an alert.
+                Err(_) => return Err(End::Refused),
+                Ok(pass) => seen.route_pass = pass,
+            }
+        }
         seen.route = route.clone();
         // The route's handshake limit counts from the accept, the hello included.
         let limit = route

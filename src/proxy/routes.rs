@@ -14,6 +14,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::ServerConfig;
 
 use crate::config::{Frontend, Listen, Route, SniName};
+use crate::policy::{self, AccessList};
 use crate::tls::{self, CertResolver};
 
 /// A route as connections use it: its settings and its TLS configuration.
@@ -27,6 +28,8 @@ pub struct ActiveRoute {
     pub map: String,
     /// The server configuration for its handshakes.
     pub tls: Arc<ServerConfig>,
+    /// Tells its per-source counts from other routes' (same across reloads).
+    pub scope: u32,
 }
 
 /// One frontend's routes, indexed by server name.
@@ -41,6 +44,8 @@ pub struct RouteTable {
     pub hello_timeout: Duration,
     /// The frontend for messages: its only route's map, or its address and names.
     pub describe: String,
+    /// The frontend's allow/deny lists, checked right after accept.
+    pub access: AccessList,
 }
 
 impl RouteTable {
@@ -134,6 +139,7 @@ impl TableBuilder {
             default: None,
             hello_timeout: Duration::ZERO,
             describe: describe(frontend),
+            access: frontend.access.clone(),
         };
         for (i, r) in frontend.routes.iter().enumerate() {
             for n in &r.names {
@@ -149,6 +155,7 @@ impl TableBuilder {
             t.routes.push(Arc::new(ActiveRoute {
                 label: r.label(),
                 map: r.map_text(&frontend.listen),
+                scope: policy::route_scope(&r.map_text(&frontend.listen)),
                 tls: self.server_config(&r.alpn)?,
                 route: r.clone(),
             }));

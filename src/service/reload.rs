@@ -137,6 +137,7 @@ impl Reloader {
             handle.store(table);
         }
         self.served.frontends = plan.frontends;
+        self.served.gate.set_policy(new.sources);
         self.served.config = new;
 
         for (listen, describe, addrs) in &started {
