@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use super::layer::{AcmeLayer, FrontendSpec, Layer, RouteSettings, RouteSpec};
+use super::layer::{AcmeLayer, ClientAuthSpec, FrontendSpec, Layer, RouteSettings, RouteSpec};
 use super::{CertPair, Duration, MapSpec, Origin, ProxyProtocol, Secret};
 
 const ABOUT: &str = "A small, fast layer-4 TLS-terminating TCP forwarder.";
@@ -114,6 +114,64 @@ pub enum Command {
     /// without serving; prints one line per frontend and exits 0, or 2 with
     /// the problem.
     Check(RunArgs),
+    /// Client certificates from tcpfwd's family CA (for routes with
+    /// client_auth = "family", or --client-auth family).
+    #[command(subcommand)]
+    ClientCert(ClientCertCommand),
+}
+
+/// `tcpfwd client-cert ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClientCertCommand {
+    /// Issue a client certificate NAME.p12 (the family CA is created on
+    /// first use); its password is printed once and never stored.
+    New(NewCertArgs),
+    /// List issued certificates: name, serial, expiry and status.
+    List(StateArgs),
+    /// Revoke NAME's certificate: the CRL is re-signed, a running tcpfwd
+    /// refuses it within seconds and closes its open connections.
+    Revoke(RevokeArgs),
+}
+
+/// Where the family CA lives.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// State directory; the family CA is in its family-ca/ [default:
+    /// $STATE_DIRECTORY when systemd sets it, else /var/lib/tcpfwd].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `client-cert new`.
+#[derive(Debug, Clone, Args)]
+pub struct NewCertArgs {
+    /// A name for the device or person, like anna-phone (letters, digits,
+    /// '.', '-', '_'); also the file name NAME.p12.
+    pub name: String,
+    /// Days the certificate is valid.
+    #[arg(long, value_name = "N", default_value_t = 825,
+          value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub days: u32,
+    /// AES-256/PBES2 PKCS#12 (desktops, recent phones) instead of the legacy
+    /// 3DES/SHA-1 form that Android 12-13 and iOS up to 17 need.
+    #[arg(long)]
+    pub modern: bool,
+    /// Directory to write NAME.p12 to [default: the current directory].
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Where the family CA lives.
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+/// `client-cert revoke`.
+#[derive(Debug, Clone, Args)]
+pub struct RevokeArgs {
+    /// The name given to `client-cert new`.
+    pub name: String,
+    /// Where the family CA lives.
+    #[command(flatten)]
+    pub state: StateArgs,
 }
 
 impl Cli {
@@ -121,7 +179,7 @@ impl Cli {
     pub fn args(&self) -> &RunArgs {
         match &self.command {
             Some(Command::Check(a)) => a,
-            None => &self.run,
+            Some(Command::ClientCert(_)) | None => &self.run,
         }
     }
 }
@@ -259,10 +317,34 @@ pub struct RunArgs {
     )]
     pub acme_eab_hmac_key: Option<Secret>,
 
-    /// Where ACME keeps its account, certificate and key [default:
-    /// $STATE_DIRECTORY when systemd sets it, else /var/lib/tcpfwd].
+    /// Where ACME keeps its account, certificate and key, and the family CA
+    /// its files [default: $STATE_DIRECTORY when systemd sets it, else
+    /// /var/lib/tcpfwd].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Require a client certificate signed by the CA in this PEM file on
+    /// every --map (a route in --config that says otherwise keeps its own).
+    #[arg(long, value_name = "FILE", conflicts_with = "client_auth")]
+    pub client_ca: Option<PathBuf>,
+
+    /// CRL (PEM or DER) of the --client-ca, re-read when it changes.
+    #[arg(long, value_name = "FILE", requires = "client_ca")]
+    pub client_crl: Option<PathBuf>,
+
+    /// `family`: require a client certificate from tcpfwd's own family CA
+    /// (`tcpfwd client-cert new NAME`) on every --map; `off`: none.
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub client_auth: Option<ClientAuthArg>,
+}
+
+/// `--client-auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientAuthArg {
+    /// tcpfwd's family CA in the state directory.
+    Family,
+    /// No client certificate asked for.
+    Off,
 }
 
 impl RunArgs {
@@ -289,6 +371,15 @@ impl RunArgs {
                 ));
             }
         }
+        let client_auth = match (&self.client_ca, self.client_auth) {
+            (Some(ca), _) => Some(Some(ClientAuthSpec::Ca {
+                ca: ca.clone(),
+                crl: self.client_crl.clone(),
+            })),
+            (None, Some(ClientAuthArg::Family)) => Some(Some(ClientAuthSpec::Family)),
+            (None, Some(ClientAuthArg::Off)) => Some(None),
+            (None, None) => None,
+        };
         let frontends = self
             .maps
             .iter()
@@ -317,6 +408,7 @@ impl RunArgs {
                 close_timeout: self.close_timeout,
                 proxy_protocol: self.proxy_protocol.map(Some),
                 alpn: (!self.alpn.is_empty()).then(|| self.alpn.clone()),
+                client_auth,
             },
             certs: self
                 .cert

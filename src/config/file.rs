@@ -14,7 +14,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::layer::{
-    AcmeLayer, FrontendSpec, Layer, RouteSettings, RouteSpec, MAX_CONNECTIONS, MAX_THREADS,
+    AcmeLayer, ClientAuthSpec, FrontendSpec, Layer, RouteSettings, RouteSpec, MAX_CONNECTIONS,
+    MAX_THREADS,
 };
 use super::map::{parse_backend, parse_listen, parse_route_name, valid_hostname};
 use super::{CertPair, CipherPreference, Duration, LogFormat, Origin, ProxyProtocol, Secret};
@@ -155,6 +156,9 @@ const ROUTE_SETTINGS: &[&str] = &[
     "close_timeout",
     "proxy_protocol",
     "alpn",
+    "client_auth",
+    "client_ca",
+    "client_crl",
 ];
 const TABLES: &[(&str, &[&str])] = &[
     (
@@ -285,6 +289,9 @@ macro_rules! with_route_settings {
             close_timeout: Option<Spanned<String>>,
             proxy_protocol: Option<Spanned<String>>,
             alpn: Option<Vec<Spanned<String>>>,
+            client_auth: Option<Spanned<String>>,
+            client_ca: Option<Spanned<String>>,
+            client_crl: Option<Spanned<String>>,
         }
 
         impl $name {
@@ -308,6 +315,12 @@ macro_rules! with_route_settings {
                         })
                         .transpose()?,
                     alpn: self.alpn.as_ref().map(|list| alpn(src, list)).transpose()?,
+                    client_auth: client_auth(
+                        src,
+                        self.client_auth.as_ref(),
+                        self.client_ca.as_ref(),
+                        self.client_crl.as_ref(),
+                    )?,
                 })
             }
         }
@@ -430,6 +443,42 @@ fn choice<T: std::str::FromStr>(
             format!("`{key}` = \"{}\": expected {expected}", v.get_ref()),
         )
     })
+}
+
+/// `client_auth = "family" | "off"`, `client_ca = FILE` (with `client_crl`).
+fn client_auth(
+    src: &Source,
+    auth: Option<&Spanned<String>>,
+    ca: Option<&Spanned<String>>,
+    crl: Option<&Spanned<String>>,
+) -> Result<Option<Option<ClientAuthSpec>>, String> {
+    if let (Some(crl), None) = (crl, ca) {
+        return Err(src.error(
+            &crl.span(),
+            "`client_crl` needs `client_ca` in the same table: the CRL of which CA?",
+        ));
+    }
+    match (auth, ca) {
+        (None, None) => Ok(None),
+        (Some(a), Some(_)) if a.get_ref() != "ca" => Err(src.error(
+            &a.span(),
+            "`client_auth` and `client_ca` both choose the CA: keep `client_ca = \"FILE\"` for your own CA, or `client_auth = \"family\"` for tcpfwd's",
+        )),
+        (_, Some(ca)) => Ok(Some(Some(ClientAuthSpec::Ca {
+            ca: src.path_of(ca, "client_ca")?,
+            crl: crl.map(|c| src.path_of(c, "client_crl")).transpose()?,
+        }))),
+        (Some(a), None) => match a.get_ref().as_str() {
+            "family" => Ok(Some(Some(ClientAuthSpec::Family))),
+            "off" => Ok(Some(None)),
+            other => Err(src.error(
+                &a.span(),
+                format!(
+                    "`client_auth` = \"{other}\": expected \"family\" (tcpfwd's own CA; see `tcpfwd client-cert new`) or \"off\"; for your own CA write client_ca = \"FILE\""
+                ),
+            )),
+        },
+    }
 }
 
 fn alpn(src: &Source, list: &[Spanned<String>]) -> Result<Vec<String>, String> {
@@ -759,6 +808,7 @@ listen = "[::1]:7682"
                             close_timeout: Some(d("3s")),
                             proxy_protocol: Some(Some(ProxyProtocol::V1)),
                             alpn: Some(vec![]),
+                            client_auth: None,
                         },
                         origin: at(29, 3),
                     }],
@@ -781,6 +831,7 @@ listen = "[::1]:7682"
                 close_timeout: Some(d("50s")),
                 proxy_protocol: Some(Some(ProxyProtocol::V2)),
                 alpn: Some(vec!["http/1.1".into()]),
+                client_auth: None,
             },
             certs: vec![],
             self_signed_names: vec!["dvr.local".into()],
