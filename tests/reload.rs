@@ -170,9 +170,11 @@ fn run(config: Config, activated: bool) -> Running {
     let server = Server::start(prepared.listeners, prepared.ctx, limits).unwrap();
     let reloader = Reloader {
         cli: Default::default(),
+        crl_seen: tcpfwd::service::reload::crl_stamps(&prepared.served.config),
         served: prepared.served,
         server: server.handle(),
         activated,
+        revocations: prepared.ctx.revocations.clone(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(server.run_until(async {
