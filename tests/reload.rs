@@ -167,6 +167,7 @@ fn run(config: Config, activated: bool) -> Running {
         workers: 2,
     };
     let prepared = tcpfwd::app::prepare(config).unwrap();
+    let revocations = prepared.ctx.revocations.clone();
     let server = Server::start(prepared.listeners, prepared.ctx, limits).unwrap();
     let reloader = Reloader {
         cli: Default::default(),
@@ -174,7 +175,7 @@ fn run(config: Config, activated: bool) -> Running {
         served: prepared.served,
         server: server.handle(),
         activated,
-        revocations: prepared.ctx.revocations.clone(),
+        revocations,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(server.run_until(async {

@@ -108,6 +108,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check the configuration as a start would (files, keys, names, ports)
