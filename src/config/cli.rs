@@ -527,6 +527,54 @@ mod tests {
     }
 
     #[test]
+    fn client_auth_shorthands_apply_to_every_map() {
+        use crate::config::{layer, ClientAuth};
+        let build = |extra: &[&str]| {
+            let mut args = vec!["tcpfwd", "--map", "443:a:80", "--map", "7682:a:7681"];
+            args.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(args).unwrap();
+            layer::build(None, cli.args().to_layer().unwrap()).unwrap()
+        };
+        let c = build(&["--client-auth", "family", "--state-dir", "/s"]);
+        for (_, r) in c.routes() {
+            assert_eq!(
+                r.client_auth,
+                Some(ClientAuth::Family {
+                    dir: "/s/family-ca".into()
+                })
+            );
+        }
+        let c = build(&["--client-ca", "ca.pem"]);
+        assert!(c.routes().all(|(_, r)| r.client_auth
+            == Some(ClientAuth::Ca {
+                ca: "ca.pem".into(),
+                crl: None
+            })));
+        assert!(build(&[]).routes().all(|(_, r)| r.client_auth.is_none()));
+        let e = Cli::try_parse_from([
+            "tcpfwd",
+            "--map",
+            "443:a:80",
+            "--client-ca",
+            "ca.pem",
+            "--client-auth",
+            "family",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let cli =
+            Cli::try_parse_from(["tcpfwd", "client-cert", "new", "anna", "--days", "7"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::ClientCert(ClientCertCommand::New(NewCertArgs {
+                days: 7,
+                modern: false,
+                ..
+            })))
+        ));
+    }
+
+    #[test]
     fn check_takes_the_same_options() {
         let cli = Cli::try_parse_from(["tcpfwd", "check", "--map", "443:a:80"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Check(_))));

@@ -924,6 +924,67 @@ listen = "[::1]:7682"
     }
 
     #[test]
+    fn client_auth_keys_resolve_and_errors_point_at_the_value() {
+        use crate::config::ClientAuth;
+        let text = r#"state_dir = "/srv/tcpfwd"
+client_auth = "family"
+
+[[frontend]]
+listen = "443"
+
+[[frontend.route]]
+sni = ["dvr.example.org"]
+backend = "dvr.lan:80"
+
+[[frontend.route]]
+sni = ["nas.example.org"]
+backend = "nas.lan:5000"
+client_ca = "ca.pem"
+client_crl = "crl.pem"
+
+[[frontend.route]]
+sni = ["open.example.org"]
+backend = "web.lan:80"
+client_auth = "off"
+"#;
+        let layer = parse(text, path()).unwrap();
+        let c = layer::build(Some(layer), Layer::default()).unwrap();
+        let r = &c.frontends[0].routes;
+        assert_eq!(
+            r[0].client_auth,
+            Some(ClientAuth::Family {
+                dir: "/srv/tcpfwd/family-ca".into()
+            })
+        );
+        assert_eq!(
+            r[1].client_auth,
+            Some(ClientAuth::Ca {
+                ca: "/etc/tcpfwd/ca.pem".into(),
+                crl: Some("/etc/tcpfwd/crl.pem".into())
+            })
+        );
+        assert_eq!(r[2].client_auth, None);
+        fails(
+            "client_auth = \"famly\"\n",
+            1,
+            15,
+            &["`client_auth`", "\"family\""],
+        );
+        fails(
+            "[[frontend]]\nlisten = \"443\"\nclient_crl = \"crl.pem\"\n",
+            3,
+            14,
+            &["`client_crl` needs `client_ca`"],
+        );
+        fails(
+            "client_auth = \"family\"\nclient_ca = \"ca.pem\"\n",
+            1,
+            15,
+            &["both choose the CA"],
+        );
+    }
+
+    #[test]
     fn syntax_error() {
         fails("threads = 2\nlog_level = info\n", 2, 13, &["invalid TOML"]);
         fails("[[frontend]\n", 1, 12, &["invalid TOML"]);
