@@ -502,3 +502,48 @@ async fn revoking_closes_the_open_connections_made_with_the_certificate() {
     .await;
     drop(fwd);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_v2_header_carries_the_client_cn_and_verified() {
+    common::require_tool("openssl");
+    let tmp = TempDir::new("ccert-ppv2");
+    let state = tmp.join("state");
+    let (p12, pw) = issue(&state, tmp.path(), "anna-phone", &[]);
+    let pem = p12_to_pem(&p12, &pw);
+    let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let backend = backends::one_connection(|mut s| async move {
+        let mut buf = vec![0u8; 512];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        buf.truncate(n);
+        let _ = tx.send(buf);
+    })
+    .await;
+    let port = free_port();
+    let fwd = Tcpfwd::start(&[
+        "--map",
+        &format!("127.0.0.1:{port}:{backend}"),
+        "--client-auth",
+        "family",
+        "--proxy-protocol",
+        "v2",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let mut c = common::tls_connect(client_with_cert(&pem), fwd.addr(0), "localhost")
+        .await
+        .unwrap();
+    c.write_all(b"x").await.unwrap();
+    let header = tokio::time::timeout(T, rx).await.unwrap().unwrap();
+    let parsed = ppp::v2::Header::try_from(&header[..]).expect("a PROXY v2 header");
+    let ssl = parsed
+        .tlvs()
+        .filter_map(Result::ok)
+        .find(|t| t.kind == 0x20)
+        .expect("a PP2_TYPE_SSL TLV");
+    // client: PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN, verify: 0 (verified).
+    assert_eq!(ssl.value[0] & 0x03, 0x03, "{:?}", ssl.value);
+    assert_eq!(&ssl.value[1..5], &[0, 0, 0, 0]);
+    let text = String::from_utf8_lossy(&ssl.value);
+    assert!(text.contains("anna-phone"), "{text}");
+    drop(fwd);
+}
