@@ -114,6 +114,19 @@ pub fn self_signed_names(config: &Config, extra: &[String]) -> Vec<String> {
     names
 }
 
+/// The family CA directories the routes use, once each.
+pub fn family_dirs(config: &Config) -> Vec<std::path::PathBuf> {
+    let mut dirs = Vec::new();
+    for (_, r) in config.routes() {
+        if let Some(crate::config::ClientAuth::Family { dir }) = &r.client_auth {
+            if !dirs.contains(dir) {
+                dirs.push(dir.clone());
+            }
+        }
+    }
+    dirs
+}
+
 /// The route tables of every frontend, certificates from `resolver`.
 pub fn route_tables(
     config: &Config,
@@ -171,6 +184,10 @@ pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Res
     let _ = provider.as_ref().clone().install_default();
 
     let (certs, acme_task) = certificates(&config, &provider)?;
+    // A family CA routes need is made now, with its (empty) CRL.
+    for dir in family_dirs(&config) {
+        crate::clientca::ensure(&dir)?;
+    }
     let resolver = tls::CertResolver::with_set(certs);
     let tables = route_tables(&config, &provider, &resolver)?;
     let frontends: Vec<Arc<FrontendHandle>> = config
@@ -184,6 +201,7 @@ pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Res
     let ctx = Arc::new(Context {
         challenges: tls::TlsRouter::new(),
         gate: gate.clone(),
+        revocations: crate::proxy::revoke::Revocations::new(),
     });
 
     let listeners = match sockets {
@@ -264,12 +282,14 @@ pub async fn run_with(
     let reloads = Reloads {
         hangups,
         reloader: Reloader {
+            crl_seen: crate::service::reload::crl_stamps(&prepared.served.config),
             cli,
             served: prepared.served,
             server: server.handle(),
             activated,
             acme_current,
             acme_info: Default::default(),
+            revocations: prepared.ctx.revocations.clone(),
         },
         notifier: notifier.clone(),
         status: status.clone(),
@@ -325,7 +345,12 @@ pub fn check(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Result<Vec
         }
     };
     let resolver = tls::CertResolver::with_set(certs);
-    let tables = route_tables(&config, &provider, &resolver)?;
+    let mut builder = TableBuilder::new(provider.clone(), resolver.clone()).check_only();
+    let tables: Vec<RouteTable> = config
+        .frontends
+        .iter()
+        .map(|f| builder.table(f))
+        .collect::<anyhow::Result<_>>()?;
     let frontends: Vec<Arc<FrontendHandle>> = config
         .frontends
         .iter()
@@ -357,6 +382,9 @@ pub fn check(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Result<Vec
                 let mut s = format!("{} -> {}", r.label, r.route.backend);
                 if let Some(p) = r.route.proxy_protocol {
                     s.push_str(&format!(" (PROXY {p})"));
+                }
+                if let Some(a) = &r.route.client_auth {
+                    s.push_str(&format!(" (client certificates: {a})"));
                 }
                 s
             })

@@ -9,6 +9,7 @@
 
 pub mod acme;
 pub mod app;
+pub mod clientca;
 pub mod config;
 pub mod net;
 pub mod policy;

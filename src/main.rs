@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use tcpfwd::config::cli::{Cli, Command};
+use tcpfwd::clientca;
+use tcpfwd::config::cli::{Cli, ClientCertCommand, Command, StateArgs};
 use tcpfwd::config::{file, layer, Config};
 use tcpfwd::net::activation;
 use tcpfwd::service::{logging, notify, shutdown};
@@ -16,6 +17,15 @@ const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::ClientCert(cmd)) = &cli.command {
+        return match client_cert(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tcpfwd: error: {e:#}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        };
+    }
     let args = cli.args();
     let cli_layer = match args.to_layer() {
         Ok(l) => l,
@@ -107,5 +117,23 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         }
+    }
+}
+
+/// `tcpfwd client-cert ...`: the family CA's commands.
+fn client_cert(cmd: &ClientCertCommand) -> anyhow::Result<()> {
+    let state = |a: &StateArgs| a.state_dir.clone().unwrap_or_else(layer::default_state_dir);
+    match cmd {
+        ClientCertCommand::New(a) => {
+            let format = if a.modern {
+                clientca::P12Format::Modern
+            } else {
+                clientca::P12Format::Legacy
+            };
+            let out = a.out_dir.clone().unwrap_or_else(|| ".".into());
+            clientca::cmd_new(&state(&a.state), &a.name, a.days, format, &out)
+        }
+        ClientCertCommand::List(a) => clientca::cmd_list(&state(a)),
+        ClientCertCommand::Revoke(a) => clientca::cmd_revoke(&state(&a.state), &a.name),
     }
 }

@@ -167,14 +167,17 @@ fn run(config: Config, activated: bool) -> Running {
         workers: 2,
     };
     let prepared = tcpfwd::app::prepare(config).unwrap();
+    let revocations = prepared.ctx.revocations.clone();
     let server = Server::start(prepared.listeners, prepared.ctx, limits).unwrap();
     let reloader = Reloader {
         cli: Default::default(),
+        crl_seen: tcpfwd::service::reload::crl_stamps(&prepared.served.config),
         served: prepared.served,
         server: server.handle(),
         activated,
         acme_current: None,
         acme_info: Default::default(),
+        revocations,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(server.run_until(async {

@@ -776,9 +776,9 @@ impl Manager {
         if !near_expiry(cur.not_before, cur.not_after, now) {
             return;
         }
-        let due = self.expiry_logged.map_or(true, |t| {
-            now.duration_since(t).unwrap_or_default() >= EXPIRY_REPEAT
-        });
+        let due = self
+            .expiry_logged
+            .is_none_or(|t| now.duration_since(t).unwrap_or_default() >= EXPIRY_REPEAT);
         if !due {
             return;
         }
@@ -1031,9 +1031,10 @@ impl Manager {
             renewal_info: doc["renewalInfo"].as_str().map(str::to_owned),
             fetched: SystemTime::now(),
         };
-        let changed = self.logged_directory.as_ref().map_or(true, |(tos, ari)| {
-            *tos != info.terms_of_service || *ari != info.renewal_info
-        });
+        let changed = self
+            .logged_directory
+            .as_ref()
+            .is_none_or(|(tos, ari)| *tos != info.terms_of_service || *ari != info.renewal_info);
         if changed {
             tracing::info!(
                 directory = %url,

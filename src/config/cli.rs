@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use super::layer::{AcmeLayer, FrontendSpec, Layer, RouteSettings, RouteSpec};
+use super::layer::{AcmeLayer, ClientAuthSpec, FrontendSpec, Layer, RouteSettings, RouteSpec};
 use super::{CertPair, Duration, MapSpec, Origin, ProxyProtocol, Secret};
 use crate::policy::Cidr;
 
@@ -109,12 +109,72 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Check the configuration as a start would (files, keys, names, ports)
     /// without serving; prints one line per frontend and exits 0, or 2 with
     /// the problem.
     Check(RunArgs),
+    /// Client certificates from tcpfwd's family CA (for routes with
+    /// client_auth = "family", or --client-auth family).
+    #[command(subcommand)]
+    ClientCert(ClientCertCommand),
+}
+
+/// `tcpfwd client-cert ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClientCertCommand {
+    /// Issue a client certificate NAME.p12 (the family CA is created on
+    /// first use); its password is printed once and never stored.
+    New(NewCertArgs),
+    /// List issued certificates: name, serial, expiry and status.
+    List(StateArgs),
+    /// Revoke NAME's certificate: the CRL is re-signed, a running tcpfwd
+    /// refuses it within seconds and closes its open connections.
+    Revoke(RevokeArgs),
+}
+
+/// Where the family CA lives.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// State directory; the family CA is in its family-ca/ [default:
+    /// $STATE_DIRECTORY when systemd sets it, else /var/lib/tcpfwd].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `client-cert new`.
+#[derive(Debug, Clone, Args)]
+pub struct NewCertArgs {
+    /// A name for the device or person, like anna-phone (letters, digits,
+    /// '.', '-', '_'); also the file name NAME.p12.
+    pub name: String,
+    /// Days the certificate is valid.
+    #[arg(long, value_name = "N", default_value_t = 825,
+          value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub days: u32,
+    /// AES-256/PBES2 PKCS#12 (desktops, recent phones) instead of the legacy
+    /// 3DES/SHA-1 form that Android 12-13 and iOS up to 17 need.
+    #[arg(long)]
+    pub modern: bool,
+    /// Directory to write NAME.p12 to [default: the current directory].
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Where the family CA lives.
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+/// `client-cert revoke`.
+#[derive(Debug, Clone, Args)]
+pub struct RevokeArgs {
+    /// The name given to `client-cert new`.
+    pub name: String,
+    /// Where the family CA lives.
+    #[command(flatten)]
+    pub state: StateArgs,
 }
 
 impl Cli {
@@ -122,7 +182,7 @@ impl Cli {
     pub fn args(&self) -> &RunArgs {
         match &self.command {
             Some(Command::Check(a)) => a,
-            None => &self.run,
+            Some(Command::ClientCert(_)) | None => &self.run,
         }
     }
 }
@@ -308,10 +368,34 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", hide = true)]
     pub refusal_log_interval: Option<Duration>,
 
-    /// Where ACME keeps its account, certificate and key [default:
-    /// $STATE_DIRECTORY when systemd sets it, else /var/lib/tcpfwd].
+    /// Where ACME keeps its account, certificate and key, and the family CA
+    /// its files [default: $STATE_DIRECTORY when systemd sets it, else
+    /// /var/lib/tcpfwd].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Require a client certificate signed by the CA in this PEM file on
+    /// every --map (a route in --config that says otherwise keeps its own).
+    #[arg(long, value_name = "FILE", conflicts_with = "client_auth")]
+    pub client_ca: Option<PathBuf>,
+
+    /// CRL (PEM or DER) of the --client-ca, re-read when it changes.
+    #[arg(long, value_name = "FILE", requires = "client_ca")]
+    pub client_crl: Option<PathBuf>,
+
+    /// `family`: require a client certificate from tcpfwd's own family CA
+    /// (`tcpfwd client-cert new NAME`) on every --map; `off`: none.
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub client_auth: Option<ClientAuthArg>,
+}
+
+/// `--client-auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientAuthArg {
+    /// tcpfwd's family CA in the state directory.
+    Family,
+    /// No client certificate asked for.
+    Off,
 }
 
 impl RunArgs {
@@ -338,6 +422,15 @@ impl RunArgs {
                 ));
             }
         }
+        let client_auth = match (&self.client_ca, self.client_auth) {
+            (Some(ca), _) => Some(Some(ClientAuthSpec::Ca {
+                ca: ca.clone(),
+                crl: self.client_crl.clone(),
+            })),
+            (None, Some(ClientAuthArg::Family)) => Some(Some(ClientAuthSpec::Family)),
+            (None, Some(ClientAuthArg::Off)) => Some(None),
+            (None, None) => None,
+        };
         let frontends = self
             .maps
             .iter()
@@ -370,6 +463,7 @@ impl RunArgs {
                 deny: (!self.deny.is_empty()).then(|| self.deny.clone()),
                 per_source_connections: self.per_source_connections,
                 per_source_rate: self.per_source_rate,
+                client_auth,
             },
             certs: self
                 .cert
@@ -489,6 +583,54 @@ mod tests {
         let cli = Cli::try_parse_from(["tcpfwd", "--map", "443:a:80", "--acme-staging"]).unwrap();
         let e = cli.args().to_layer().unwrap_err();
         assert!(e.contains("--acme-staging needs --acme-domain"), "{e}");
+    }
+
+    #[test]
+    fn client_auth_shorthands_apply_to_every_map() {
+        use crate::config::{layer, ClientAuth};
+        let build = |extra: &[&str]| {
+            let mut args = vec!["tcpfwd", "--map", "443:a:80", "--map", "7682:a:7681"];
+            args.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(args).unwrap();
+            layer::build(None, cli.args().to_layer().unwrap()).unwrap()
+        };
+        let c = build(&["--client-auth", "family", "--state-dir", "/s"]);
+        for (_, r) in c.routes() {
+            assert_eq!(
+                r.client_auth,
+                Some(ClientAuth::Family {
+                    dir: "/s/family-ca".into()
+                })
+            );
+        }
+        let c = build(&["--client-ca", "ca.pem"]);
+        assert!(c.routes().all(|(_, r)| r.client_auth
+            == Some(ClientAuth::Ca {
+                ca: "ca.pem".into(),
+                crl: None
+            })));
+        assert!(build(&[]).routes().all(|(_, r)| r.client_auth.is_none()));
+        let e = Cli::try_parse_from([
+            "tcpfwd",
+            "--map",
+            "443:a:80",
+            "--client-ca",
+            "ca.pem",
+            "--client-auth",
+            "family",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let cli =
+            Cli::try_parse_from(["tcpfwd", "client-cert", "new", "anna", "--days", "7"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::ClientCert(ClientCertCommand::New(NewCertArgs {
+                days: 7,
+                modern: false,
+                ..
+            })))
+        ));
     }
 
     #[test]

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::layer::{
-    AcmeLayer, FrontendSpec, Layer, RouteSettings, RouteSpec, MAX_CONNECTIONS, MAX_THREADS,
+    AcmeLayer, ClientAuthSpec, FrontendSpec, Layer, RouteSettings, RouteSpec, MAX_CONNECTIONS,
+    MAX_THREADS,
 };
 use super::map::{parse_backend, parse_listen, parse_route_name, valid_hostname};
 use super::{CertPair, CipherPreference, Duration, LogFormat, Origin, ProxyProtocol, Secret};
@@ -160,6 +161,9 @@ const ROUTE_SETTINGS: &[&str] = &[
     "deny",
     "per_source_connections",
     "per_source_rate",
+    "client_auth",
+    "client_ca",
+    "client_crl",
 ];
 const TABLES: &[(&str, &[&str])] = &[
     (
@@ -299,6 +303,9 @@ macro_rules! with_route_settings {
             deny: Option<Vec<Spanned<String>>>,
             per_source_connections: Option<Spanned<i64>>,
             per_source_rate: Option<Spanned<i64>>,
+            client_auth: Option<Spanned<String>>,
+            client_ca: Option<Spanned<String>>,
+            client_crl: Option<Spanned<String>>,
         }
 
         impl $name {
@@ -334,6 +341,12 @@ macro_rules! with_route_settings {
                         .as_ref()
                         .map(|v| count(src, "per_source_rate", v, 1_000_000_000))
                         .transpose()?,
+                    client_auth: client_auth(
+                        src,
+                        self.client_auth.as_ref(),
+                        self.client_ca.as_ref(),
+                        self.client_crl.as_ref(),
+                    )?,
                 })
             }
         }
@@ -461,6 +474,42 @@ fn choice<T: std::str::FromStr>(
             format!("`{key}` = \"{}\": expected {expected}", v.get_ref()),
         )
     })
+}
+
+/// `client_auth = "family" | "off"`, `client_ca = FILE` (with `client_crl`).
+fn client_auth(
+    src: &Source,
+    auth: Option<&Spanned<String>>,
+    ca: Option<&Spanned<String>>,
+    crl: Option<&Spanned<String>>,
+) -> Result<Option<Option<ClientAuthSpec>>, String> {
+    if let (Some(crl), None) = (crl, ca) {
+        return Err(src.error(
+            &crl.span(),
+            "`client_crl` needs `client_ca` in the same table: the CRL of which CA?",
+        ));
+    }
+    match (auth, ca) {
+        (None, None) => Ok(None),
+        (Some(a), Some(_)) if a.get_ref() != "ca" => Err(src.error(
+            &a.span(),
+            "`client_auth` and `client_ca` both choose the CA: keep `client_ca = \"FILE\"` for your own CA, or `client_auth = \"family\"` for tcpfwd's",
+        )),
+        (_, Some(ca)) => Ok(Some(Some(ClientAuthSpec::Ca {
+            ca: src.path_of(ca, "client_ca")?,
+            crl: crl.map(|c| src.path_of(c, "client_crl")).transpose()?,
+        }))),
+        (Some(a), None) => match a.get_ref().as_str() {
+            "family" => Ok(Some(Some(ClientAuthSpec::Family))),
+            "off" => Ok(Some(None)),
+            other => Err(src.error(
+                &a.span(),
+                format!(
+                    "`client_auth` = \"{other}\": expected \"family\" (tcpfwd's own CA; see `tcpfwd client-cert new`) or \"off\"; for your own CA write client_ca = \"FILE\""
+                ),
+            )),
+        },
+    }
 }
 
 fn alpn(src: &Source, list: &[Spanned<String>]) -> Result<Vec<String>, String> {
@@ -839,6 +888,7 @@ listen = "[::1]:7682"
                             close_timeout: Some(d("3s")),
                             proxy_protocol: Some(Some(ProxyProtocol::V1)),
                             alpn: Some(vec![]),
+                            client_auth: None,
                             ..RouteSettings::default()
                         },
                         origin: at(29, 3),
@@ -862,6 +912,7 @@ listen = "[::1]:7682"
                 close_timeout: Some(d("50s")),
                 proxy_protocol: Some(Some(ProxyProtocol::V2)),
                 alpn: Some(vec!["http/1.1".into()]),
+                client_auth: None,
                 ..RouteSettings::default()
             },
             certs: vec![],
@@ -953,6 +1004,67 @@ listen = "[::1]:7682"
         let quoted = text.lines().nth(line - 1).unwrap();
         assert!(e.contains(&format!("{line} | {quoted}")), "{e}");
         e
+    }
+
+    #[test]
+    fn client_auth_keys_resolve_and_errors_point_at_the_value() {
+        use crate::config::ClientAuth;
+        let text = r#"state_dir = "/srv/tcpfwd"
+client_auth = "family"
+
+[[frontend]]
+listen = "443"
+
+[[frontend.route]]
+sni = ["dvr.example.org"]
+backend = "dvr.lan:80"
+
+[[frontend.route]]
+sni = ["nas.example.org"]
+backend = "nas.lan:5000"
+client_ca = "ca.pem"
+client_crl = "crl.pem"
+
+[[frontend.route]]
+sni = ["open.example.org"]
+backend = "web.lan:80"
+client_auth = "off"
+"#;
+        let layer = parse(text, path()).unwrap();
+        let c = layer::build(Some(layer), Layer::default()).unwrap();
+        let r = &c.frontends[0].routes;
+        assert_eq!(
+            r[0].client_auth,
+            Some(ClientAuth::Family {
+                dir: "/srv/tcpfwd/family-ca".into()
+            })
+        );
+        assert_eq!(
+            r[1].client_auth,
+            Some(ClientAuth::Ca {
+                ca: "/etc/tcpfwd/ca.pem".into(),
+                crl: Some("/etc/tcpfwd/crl.pem".into())
+            })
+        );
+        assert_eq!(r[2].client_auth, None);
+        fails(
+            "client_auth = \"famly\"\n",
+            1,
+            15,
+            &["`client_auth`", "\"family\""],
+        );
+        fails(
+            "[[frontend]]\nlisten = \"443\"\nclient_crl = \"crl.pem\"\n",
+            3,
+            14,
+            &["`client_crl` needs `client_ca`"],
+        );
+        fails(
+            "client_auth = \"family\"\nclient_ca = \"ca.pem\"\n",
+            1,
+            15,
+            &["both choose the CA"],
+        );
     }
 
     #[test]

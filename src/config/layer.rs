@@ -18,9 +18,9 @@ use std::path::PathBuf;
 
 use super::map::{parse_route_name, valid_hostname};
 use super::{
-    AcmeConfig, Backend, CertPair, CertSource, CipherPreference, Config, Duration, Eab, Frontend,
-    HmacKey, Listen, LogFormat, Logging, Origin, ProxyProtocol, Route, Secret, SniName, Timeouts,
-    LETS_ENCRYPT, LETS_ENCRYPT_STAGING,
+    AcmeConfig, Backend, CertPair, CertSource, CipherPreference, ClientAuth, Config, Duration, Eab,
+    Frontend, HmacKey, Listen, LogFormat, Logging, Origin, ProxyProtocol, Route, Secret, SniName,
+    Timeouts, LETS_ENCRYPT, LETS_ENCRYPT_STAGING,
 };
 use crate::policy::{AccessList, BanRules, Cidr, SourceLimits, SourcePolicy};
 
@@ -47,6 +47,23 @@ pub struct RouteSettings {
     pub per_source_connections: Option<u32>,
     /// New connections per minute per source.
     pub per_source_rate: Option<u32>,
+    /// Client certificates to require; `Some(None)` turns an inherited
+    /// requirement off.
+    pub client_auth: Option<Option<ClientAuthSpec>>,
+}
+
+/// A client-certificate requirement as a source gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAuthSpec {
+    /// tcpfwd's family CA, in the state directory.
+    Family,
+    /// A CA file the user brings, and its CRL if any.
+    Ca {
+        /// PEM CA certificates.
+        ca: PathBuf,
+        /// Its CRL.
+        crl: Option<PathBuf>,
+    },
 }
 
 impl RouteSettings {
@@ -63,6 +80,10 @@ impl RouteSettings {
             deny: self.deny.clone().or_else(|| base.deny.clone()),
             per_source_connections: self.per_source_connections.or(base.per_source_connections),
             per_source_rate: self.per_source_rate.or(base.per_source_rate),
+            client_auth: self
+                .client_auth
+                .clone()
+                .or_else(|| base.client_auth.clone()),
         }
     }
 }
@@ -176,6 +197,7 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
         ));
     }
     let sources = sources(&file, &cli, &defaults, max_connections as usize)?;
+    let state = state_dir(&file, &cli);
 
     let mut frontends: Vec<(FrontendSpec, Vec<Route>)> = Vec::new();
     for spec in file.frontends.iter().chain(cli.frontends.iter()) {
@@ -188,7 +210,7 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
         let mut routes = Vec::with_capacity(spec.routes.len());
         for r in &spec.routes {
             let s = r.settings.over(&spec.settings.over(&defaults));
-            routes.push(route(r, &s, sources.limits)?);
+            routes.push(route(r, &s, sources.limits, &state)?);
         }
         // Port 0 asks the kernel for a fresh port: never the same frontend.
         let same = |f: &FrontendSpec| f.listen == spec.listen && spec.listen.port != 0;
@@ -372,8 +394,35 @@ fn describe(spec: &FrontendSpec) -> String {
     }
 }
 
+/// The state directory: the command line's, the file's, `$STATE_DIRECTORY`
+/// (the first of systemd's list), else /var/lib/tcpfwd.
+fn state_dir(file: &Layer, cli: &Layer) -> PathBuf {
+    match cli.state_dir.as_ref().or(file.state_dir.as_ref()) {
+        Some(d) => d.clone(),
+        None => default_state_dir(),
+    }
+}
+
+/// `$STATE_DIRECTORY` (the first of systemd's list), else /var/lib/tcpfwd.
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
+        .and_then(|v| {
+            // systemd lists several directories separated by ':'; the first is ours.
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("/var/lib/tcpfwd"))
+}
+
 /// Resolves one route's settings and checks its names.
-fn route(spec: &RouteSpec, s: &RouteSettings, global: SourceLimits) -> Result<Route, String> {
+fn route(
+    spec: &RouteSpec,
+    s: &RouteSettings,
+    global: SourceLimits,
+    state_dir: &std::path::Path,
+) -> Result<Route, String> {
     let at = &spec.origin;
     let positive = |name: &str, d: Option<Duration>, default: std::time::Duration| match d {
         None => Ok(default),
@@ -433,6 +482,13 @@ fn route(spec: &RouteSpec, s: &RouteSettings, global: SourceLimits) -> Result<Ro
         timeouts,
         proxy_protocol: s.proxy_protocol.flatten(),
         alpn,
+        client_auth: match s.client_auth.clone().flatten() {
+            None => None,
+            Some(ClientAuthSpec::Family) => Some(ClientAuth::Family {
+                dir: state_dir.join(crate::clientca::DIR_NAME),
+            }),
+            Some(ClientAuthSpec::Ca { ca, crl }) => Some(ClientAuth::Ca { ca, crl }),
+        },
         origin: spec.origin.clone(),
     })
 }
@@ -575,18 +631,7 @@ fn acme(file: &Layer, cli: &Layer, frontends: &[Frontend]) -> Result<AcmeConfig,
             )
         }
     };
-    let state_dir = match cli.state_dir.as_ref().or(file.state_dir.as_ref()) {
-        Some(d) => d.clone(),
-        None => std::env::var_os("STATE_DIRECTORY")
-            .and_then(|v| {
-                // systemd lists several directories separated by ':'; the first is ours.
-                v.to_str()
-                    .and_then(|s| s.split(':').next())
-                    .filter(|s| !s.is_empty())
-                    .map(PathBuf::from)
-            })
-            .unwrap_or_else(|| PathBuf::from("/var/lib/tcpfwd")),
-    };
+    let state_dir = state_dir(file, cli);
     Ok(AcmeConfig {
         domains,
         contact,

@@ -105,6 +105,8 @@ pub struct Route {
     /// Its own per-source numbers, counted after the ClientHello on top of
     /// the process-wide ones; `None` when it has the process-wide ones.
     pub source_limits: Option<SourceLimits>,
+    /// Client certificates the route requires; `None`: anyone may connect.
+    pub client_auth: Option<ClientAuth>,
     /// Where the route was said, for messages.
     pub origin: Origin,
 }
@@ -125,6 +127,44 @@ impl Route {
         } else {
             let names: Vec<String> = self.names.iter().map(ToString::to_string).collect();
             format!("{listen}:{}={}", names.join(","), self.backend)
+        }
+    }
+}
+
+/// Which client certificates a route accepts: one of these CAs must have
+/// signed it, and no CRL of its may list it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ClientAuth {
+    /// tcpfwd's own family CA (`tcpfwd client-cert new`), kept in this
+    /// directory (`family-ca/` in the state directory) with its CRL.
+    Family {
+        /// The CA's directory.
+        dir: PathBuf,
+    },
+    /// A CA the user brings.
+    Ca {
+        /// PEM file with one or more CA certificates.
+        ca: PathBuf,
+        /// PEM or DER CRL of that CA, re-read when it changes.
+        crl: Option<PathBuf>,
+    },
+}
+
+impl ClientAuth {
+    /// The CRL file whose changes must reach the running server, if any.
+    pub fn crl_file(&self) -> Option<PathBuf> {
+        match self {
+            ClientAuth::Family { dir } => Some(dir.join(crate::clientca::CRL_FILE)),
+            ClientAuth::Ca { crl, .. } => crl.clone(),
+        }
+    }
+}
+
+impl fmt::Display for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientAuth::Family { .. } => f.write_str("family CA"),
+            ClientAuth::Ca { ca, .. } => write!(f, "CA {}", ca.display()),
         }
     }
 }

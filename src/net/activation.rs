@@ -262,7 +262,7 @@ fn assign(
             let ip = local.ip().to_canonical();
             let fits = (0..maps.len()).find(|&i| {
                 let l = &maps[i].listen;
-                l.port == local.port() && l.addr.map_or(true, |a| a.to_canonical() == ip)
+                l.port == local.port() && l.addr.is_none_or(|a| a.to_canonical() == ip)
             });
             match fits {
                 Some(i) => i,

@@ -13,6 +13,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::net::connect;
 use crate::policy::{Gate, Pass};
+use crate::proxy::revoke::Revocations;
 use crate::proxy::routes::{ActiveRoute, FrontendHandle};
 use crate::proxy::splice::{self, Counted, Expired, Side, Stats};
 use crate::tls::conn;
@@ -24,6 +25,8 @@ pub struct Context {
     pub challenges: Arc<TlsRouter>,
     /// Source lists, limits and bans.
     pub gate: Arc<Gate>,
+    /// Connections made with client certificates, for revocations to close.
+    pub revocations: Arc<Revocations>,
 }
 
 /// What a connection learnt on its way, for its log line.
@@ -41,6 +44,8 @@ struct Seen {
     backend_addr: Option<SocketAddr>,
     /// The route's own per-source count of this connection, if it has one.
     route_pass: Option<Pass>,
+    /// The verified client certificate, on client-auth routes.
+    client_cert: Option<conn::ClientCert>,
 }
 
 /// How a connection ended, for its log event.
@@ -50,6 +55,11 @@ enum End {
     Closed(Side),
     HandshakeTimeout,
     HandshakeFailed(io::Error),
+    /// The handshake failed on the client certificate (none, or one the
+    /// route's CA and CRL do not accept).
+    ClientCertRejected(io::Error),
+    /// The client certificate was revoked while the connection was open.
+    Revoked,
     /// The connection only answered an ACME TLS-ALPN-01 validation.
     AcmeChallenge,
     /// No route for the server name, and no default route.
@@ -73,6 +83,8 @@ impl End {
             End::Closed(Side::Backend) => "backend closed",
             End::HandshakeTimeout => "handshake timeout",
             End::HandshakeFailed(_) => "handshake failed",
+            End::ClientCertRejected(_) => "client certificate rejected",
+            End::Revoked => "client certificate revoked",
             End::AcmeChallenge => "acme challenge answered",
             End::NoRoute => "unknown server name",
             End::ConnectTimeout => "backend connect timeout",
@@ -87,11 +99,19 @@ impl End {
 
     fn detail(&self) -> Option<String> {
         match self {
-            End::HandshakeFailed(e) => Some(e.to_string()),
+            End::HandshakeFailed(e) | End::ClientCertRejected(e) => Some(e.to_string()),
             End::BackendUnreachable(e) | End::Failed(e) => Some(e.clone()),
             _ => None,
         }
     }
+}
+
+/// Whether a failed handshake failed on the client's certificate.
+fn client_cert_error(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_))
+    )
 }
 
 /// Sets TCP_NODELAY and keepalive, so that peers that vanished behind NAT are
@@ -172,6 +192,13 @@ pub async fn serve(
     let kx = kx.as_str();
     let backend_addr = seen.backend_addr.map(|a| a.to_string()).unwrap_or_default();
     let backend_addr = backend_addr.as_str();
+    let (client_cn, client_serial) = match &seen.client_cert {
+        Some(c) => (
+            c.common_name.as_deref().unwrap_or(""),
+            c.serial_hex.as_str(),
+        ),
+        None => ("", ""),
+    };
     match &end {
         // Scanners make handshake failures routine on the internet: info, not warn.
         End::Closed(_)
@@ -179,15 +206,19 @@ pub async fn serve(
         | End::AcmeChallenge
         | End::NoRoute
         | End::HandshakeFailed(_)
+        | End::ClientCertRejected(_)
+        | End::Revoked
         | End::HandshakeTimeout => tracing::info!(
             %peer, map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
             reason, client_close_notify = !no_close_notify, tls_version, cipher, kx,
+            client_cn, client_serial,
             detail = detail.as_deref().unwrap_or(""),
             "connection closed"
         ),
         _ => tracing::warn!(
             %peer, map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
             reason, client_close_notify = !no_close_notify, tls_version, cipher, kx,
+            client_cn, client_serial,
             detail = detail.as_deref().unwrap_or(""),
             "connection closed"
         ),
@@ -263,6 +294,7 @@ async fn run(
             .map_or(table.hello_timeout, |r| r.route.timeouts.handshake);
         match timeout_at(started + limit, hello.handshake(config)).await {
             Err(_) => Err(End::HandshakeTimeout),
+            Ok(Err(e)) if client_cert_error(&e) => Err(End::ClientCertRejected(e)),
             Ok(Err(e)) => Err(End::HandshakeFailed(e)),
             Ok(Ok(stream)) => Ok((Box::new(stream), route)),
         }
@@ -283,6 +315,22 @@ async fn run(
     seen.tls_version = session.protocol_version();
     seen.cipher = session.negotiated_cipher_suite().map(|s| s.suite());
     seen.kx = session.negotiated_key_exchange_group().map(|g| g.name());
+    // On a client-auth route: registered until the connection ends, so that a
+    // revocation can close it.
+    let registration = match (&route.route.client_auth, client.client_cert()) {
+        (Some(auth), Some(cert)) => {
+            let r = ctx.revocations.register(auth, cert.serial.clone());
+            seen.client_cert = Some(cert);
+            Some(r)
+        }
+        _ => None,
+    };
+    let mut revoked = std::pin::pin!(async {
+        match &registration {
+            Some(r) => r.revoked.notified().await,
+            None => std::future::pending().await,
+        }
+    });
     let timeouts = &route.route.timeouts;
     let connect = Box::pin(async {
         let backend = &route.route.backend;
@@ -295,10 +343,15 @@ async fn run(
         }
         Ok::<_, String>(b)
     });
-    let end = match timeout(timeouts.connect, connect).await {
-        Err(_) => End::ConnectTimeout,
-        Ok(Err(e)) => End::BackendUnreachable(e),
-        Ok(Ok(b)) => {
+    let connected = tokio::select! {
+        c = timeout(timeouts.connect, connect) => Some(c),
+        _ = &mut revoked => None,
+    };
+    let end = match connected {
+        None => End::Revoked,
+        Some(Err(_)) => End::ConnectTimeout,
+        Some(Ok(Err(e))) => End::BackendUnreachable(e),
+        Some(Ok(Ok(b))) => {
             tune(SockRef::from(&b));
             let mut client_side = Counted::new(&mut *client, Side::Client, stats.clone());
             let mut backend_side = Counted::new(b, Side::Backend, stats.clone());
@@ -309,6 +362,7 @@ async fn run(
                     Err(e) => End::Failed(stats.error_text().unwrap_or_else(|| e.to_string())),
                 },
                 why = splice::watchdog(stats, timeouts.idle, timeouts.close) => End::Expired(why),
+                _ = &mut revoked => End::Revoked,
             }
         }
     };
@@ -324,7 +378,7 @@ async fn run(
     }
     if matches!(
         end,
-        End::ConnectTimeout | End::BackendUnreachable(_) | End::Expired(_)
+        End::ConnectTimeout | End::BackendUnreachable(_) | End::Expired(_) | End::Revoked
     ) {
         // Tell the client politely that we are done, without waiting long.
         let _ = timeout(

@@ -3,5 +3,6 @@
 
 pub mod forward;
 pub mod header;
+pub mod revoke;
 pub mod routes;
 pub mod splice;

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::server::ServerConfig;
 
-use crate::config::{Frontend, Listen, Route, SniName};
+use crate::config::{ClientAuth, Frontend, Listen, Route, SniName};
 use crate::policy::{self, AccessList};
 use crate::tls::{self, CertResolver};
 
@@ -104,12 +104,17 @@ impl FrontendHandle {
 }
 
 /// Builds route tables, sharing one server configuration between routes
-/// that advertise the same ALPN protocols.
+/// that advertise the same ALPN protocols and ask for the same client
+/// certificates.
 pub struct TableBuilder {
     provider: Arc<CryptoProvider>,
     resolver: Arc<CertResolver>,
-    configs: Vec<(Vec<Vec<u8>>, Arc<ServerConfig>)>,
+    configs: Vec<ConfigKey>,
+    /// `tcpfwd check`: a family CA not made yet is no error (the start makes it).
+    check_only: bool,
 }
+
+type ConfigKey = (Vec<Vec<u8>>, Option<ClientAuth>, Arc<ServerConfig>);
 
 impl TableBuilder {
     /// Route configurations will serve certificates from `resolver`.
@@ -118,15 +123,40 @@ impl TableBuilder {
             provider,
             resolver,
             configs: Vec::new(),
+            check_only: false,
         }
     }
 
-    fn server_config(&mut self, alpn: &[Vec<u8>]) -> anyhow::Result<Arc<ServerConfig>> {
-        if let Some((_, c)) = self.configs.iter().find(|(a, _)| a == alpn) {
+    /// For `tcpfwd check`: a family CA that does not exist yet is skipped.
+    pub fn check_only(mut self) -> TableBuilder {
+        self.check_only = true;
+        self
+    }
+
+    fn server_config(
+        &mut self,
+        alpn: &[Vec<u8>],
+        auth: &Option<ClientAuth>,
+    ) -> anyhow::Result<Arc<ServerConfig>> {
+        if let Some((_, _, c)) = self.configs.iter().find(|(a, c, _)| a == alpn && c == auth) {
             return Ok(c.clone());
         }
-        let c = tls::server_config(self.provider.clone(), self.resolver.clone(), alpn.to_vec())?;
-        self.configs.push((alpn.to_vec(), c.clone()));
+        let verifier = match auth {
+            Some(ClientAuth::Family { dir })
+                if self.check_only && !dir.join(crate::clientca::CA_CERT).exists() =>
+            {
+                None
+            }
+            Some(a) => Some(tls::client_auth::verifier(a, &self.provider)?),
+            None => None,
+        };
+        let c = tls::server_config(
+            self.provider.clone(),
+            self.resolver.clone(),
+            alpn.to_vec(),
+            verifier,
+        )?;
+        self.configs.push((alpn.to_vec(), auth.clone(), c.clone()));
         Ok(c)
     }
 
@@ -156,7 +186,7 @@ impl TableBuilder {
                 label: r.label(),
                 map: r.map_text(&frontend.listen),
                 scope: policy::route_scope(&r.map_text(&frontend.listen)),
-                tls: self.server_config(&r.alpn)?,
+                tls: self.server_config(&r.alpn, &r.client_auth)?,
                 route: r.clone(),
             }));
         }

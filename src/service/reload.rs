@@ -10,6 +10,8 @@
 //! fails the whole reload), and a removed one stops accepting after the swap
 //! while its open connections go on to their end.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,9 +20,10 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::app::{self, Served};
 use crate::config::layer::{self, Layer};
-use crate::config::{file, CertSource, Config};
+use crate::config::{file, CertSource, ClientAuth, Config};
 use crate::net::listener::{self, Listener};
 use crate::net::server::ServerHandle;
+use crate::proxy::revoke::Revocations;
 use crate::proxy::routes::{FrontendHandle, RouteTable};
 use crate::service::notify::{self, Notifier};
 use crate::tls::{self, CertResolver, CertSet};
@@ -54,6 +57,57 @@ pub struct Reloader {
     pub acme_current: Option<crate::acme::Current>,
     /// The re-read ACME certificate's details, from `certificates` to the swap.
     pub acme_info: Mutex<Option<crate::acme::CertInfo>>,
+    /// Connections made with client certificates, closed when revoked.
+    pub revocations: Arc<Revocations>,
+    /// The CRL files of client-auth routes as last seen (`crl_stamps`).
+    pub crl_seen: HashMap<PathBuf, Option<Stamp>>,
+}
+
+/// How often the CRL files of client-auth routes are looked at.
+pub const CRL_POLL: Duration = Duration::from_secs(2);
+
+/// What tells that a file changed: an atomic replace changes the inode,
+/// an edit in place the size or the modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        ino: m.ino(),
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+    })
+}
+
+/// The client-certificate settings of the routes, once each.
+fn client_auths(config: &Config) -> Vec<ClientAuth> {
+    let mut out: Vec<ClientAuth> = Vec::new();
+    for (_, r) in config.routes() {
+        if let Some(a) = &r.client_auth {
+            if !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The CRL files of `config`'s client-auth routes as they are now.
+pub fn crl_stamps(config: &Config) -> HashMap<PathBuf, Option<Stamp>> {
+    client_auths(config)
+        .iter()
+        .filter_map(ClientAuth::crl_file)
+        .map(|p| {
+            let s = stamp(&p);
+            (p, s)
+        })
+        .collect()
 }
 
 /// How long a removed frontend's sockets may take to close on every worker.
@@ -174,6 +228,39 @@ impl Reloader {
             sha256,
             config: from_file,
         })
+    }
+
+    /// Looks at the CRL files of the client-auth routes; if one changed (or
+    /// `force`, on SIGHUP), builds the route tables again, so that new
+    /// handshakes get the new CRL, and closes the open connections whose
+    /// certificate it lists. Returns whether anything was re-read.
+    pub fn check_crls(&mut self, force: bool) -> anyhow::Result<bool> {
+        let now = crl_stamps(&self.served.config);
+        if now.is_empty() || (!force && now == self.crl_seen) {
+            self.crl_seen = now;
+            return Ok(false);
+        }
+        let tables = app::route_tables(
+            &self.served.config,
+            &self.served.provider,
+            &self.served.resolver,
+        )
+        .context("the CRL changed but does not load; new handshakes still get the previous one")?;
+        for (handle, table) in self.served.frontends.iter().zip(tables) {
+            handle.store(table);
+        }
+        self.crl_seen = now;
+        for auth in client_auths(&self.served.config) {
+            let crls = tls::client_auth::crls(&auth)?;
+            let closed = self.revocations.close_revoked(&auth, &crls);
+            tracing::info!(
+                client_auth = %auth,
+                crl = %auth.crl_file().map(|p| p.display().to_string()).unwrap_or_default(),
+                closed,
+                "CRL loaded; new handshakes get it, open connections with revoked certificates are closed"
+            );
+        }
+        Ok(true)
     }
 
     /// Matches the new frontends with the running ones by listening address,
@@ -424,7 +511,21 @@ pub struct Reloads {
 impl Reloads {
     /// Answers every SIGHUP, forever: RELOADING=1, reload, READY=1 with the new status.
     pub async fn run(mut self) {
-        while self.hangups.0.recv().await.is_some() {
+        let mut poll = tokio::time::interval(CRL_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let hangup = tokio::select! {
+                h = self.hangups.0.recv() => h,
+                _ = poll.tick() => {
+                    if let Err(e) = self.reloader.check_crls(false) {
+                        tracing::error!("{e:#}");
+                    }
+                    continue;
+                }
+            };
+            if hangup.is_none() {
+                break;
+            }
             self.notifier.reloading();
             tracing::info!(signal = "SIGHUP", "reload requested");
             match self.reloader.reload().await {
@@ -452,6 +553,9 @@ impl Reloads {
                     tracing::error!("reload failed, still serving the previous configuration and certificate: {e:#}");
                     self.status.set_reload_error(Some(format!("{e:#}")));
                 }
+            }
+            if let Err(e) = self.reloader.check_crls(true) {
+                tracing::error!("{e:#}");
             }
             self.status.ready();
         }

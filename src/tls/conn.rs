@@ -108,6 +108,17 @@ impl Hello {
     }
 }
 
+/// What a connection's verified client certificate says about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The subject's commonName.
+    pub common_name: Option<String>,
+    /// The serial as the certificate encodes it (for CRL look-ups).
+    pub serial: Vec<u8>,
+    /// The serial in lower-case hex, without a leading 00, for logs.
+    pub serial_hex: String,
+}
+
 /// An established TLS connection with a client.
 pub struct TlsConn {
     tcp: TcpStream,
@@ -143,9 +154,26 @@ impl TlsConn {
                 .and_then(|s| iana_name(s.suite())),
             // rustls only keeps a client chain that its verifier accepted.
             client_cert_verified: self.conn.peer_certificates().is_some(),
-            // With client certificates (a later issue), from the leaf's subject.
-            client_cn: None,
+            client_cn: self.client_cert().and_then(|c| c.common_name),
         }
+    }
+
+    /// The verified client certificate's subject CN and serial, if the
+    /// route asked for one (rustls keeps only a chain its verifier accepted).
+    pub fn client_cert(&self) -> Option<ClientCert> {
+        let leaf = self.conn.peer_certificates()?.first()?;
+        let parsed = crate::tls::x509::parse(leaf.as_ref()).ok()?;
+        let serial = parsed.serial;
+        // The INTEGER's content may lead with a 0 that keeps it positive.
+        let trimmed = match serial {
+            [0, rest @ ..] if !rest.is_empty() => rest,
+            s => s,
+        };
+        Some(ClientCert {
+            common_name: parsed.common_name().ok().flatten(),
+            serial: serial.to_vec(),
+            serial_hex: crate::clientca::hex(trimmed),
+        })
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -425,6 +453,7 @@ mod tests {
             provider.clone(),
             CertResolver::new(cert.key),
             vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            None,
         )
         .unwrap();
         let mut client = rustls::ClientConfig::builder_with_provider(provider)

@@ -10,6 +10,7 @@ use rustls::server::ServerConfig;
 use crate::config::CipherPreference;
 
 pub mod certs;
+pub mod client_auth;
 pub mod conn;
 pub mod resolver;
 pub mod x509;
@@ -87,22 +88,36 @@ pub fn provider(chacha_first: bool) -> CryptoProvider {
     }
 }
 
-/// The server configuration every ordinary handshake uses.
+/// The server configuration every ordinary handshake uses; with
+/// `client_auth`, handshakes need a certificate it accepts.
 pub fn server_config(
     provider: Arc<CryptoProvider>,
     resolver: Arc<CertResolver>,
     alpn: Vec<Vec<u8>>,
+    client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> anyhow::Result<Arc<ServerConfig>> {
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .map_err(|e| anyhow::anyhow!("TLS configuration: {e}"))?;
+    let with_auth = client_auth.is_some();
+    let builder = match client_auth {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = alpn;
     config.ignore_client_order = true;
-    // One resumption ticket per TLS 1.3 handshake instead of two: half the
-    // session-cache work; a client needs only one to resume.
-    config.send_tls13_tickets = 1;
+    if with_auth {
+        // No resumption where a client certificate is required: a resumed
+        // session carries the old verification, and would bring a revoked
+        // certificate back. Every handshake verifies the chain and the CRL.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    } else {
+        // One resumption ticket per TLS 1.3 handshake instead of two: half the
+        // session-cache work; a client needs only one to resume.
+        config.send_tls13_tickets = 1;
+    }
     Ok(Arc::new(config))
 }
 

@@ -139,9 +139,12 @@ impl ResolvesServerCert for CertResolver {
 /// The ALPN protocol of ACME's TLS-ALPN-01 validation (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
-/// Answers ACME's TLS-ALPN-01 validations: a ClientHello offering
-/// `acme-tls/1` for a name with a pending challenge gets that challenge's
-/// configuration, on any frontend, before any route is chosen.
+/// Answers ACME's TLS-ALPN-01 validations: a ClientHello whose ALPN list is
+/// exactly `acme-tls/1` (RFC 8737 has the CA offer nothing else) for a name
+/// with a pending challenge gets that challenge's configuration, on any
+/// frontend, before any route is chosen, and so without a client certificate.
+/// A ClientHello that offers other protocols too gets its route's
+/// configuration, client authentication included.
 #[derive(Debug, Default)]
 pub struct TlsRouter {
     /// Challenge configurations by lower-case name; written by ACME only.
@@ -157,9 +160,9 @@ impl TlsRouter {
     /// The challenge configuration for this ClientHello, if it is an ACME
     /// validation of a name with a pending challenge.
     pub fn challenge_for(&self, hello: &ClientHello<'_>) -> Option<Arc<ServerConfig>> {
-        let offers_acme = hello
-            .alpn()
-            .is_some_and(|mut protos| protos.any(|p| p == ACME_TLS_ALPN));
+        let offers_acme = hello.alpn().is_some_and(|mut protos| {
+            protos.next() == Some(ACME_TLS_ALPN) && protos.next().is_none()
+        });
         if !offers_acme {
             return None;
         }

@@ -410,6 +410,25 @@ impl<'a> Certificate<'a> {
     pub fn subject(&self) -> Result<String, Error> {
         render_name(self.subject)
     }
+
+    /// The subject's last commonName (the most specific), unescaped.
+    pub fn common_name(&self) -> Result<Option<String>, Error> {
+        let mut cn = None;
+        let mut r = Reader::new(self.subject);
+        while !r.is_empty() {
+            let mut s = Reader::new(r.element(SET, "RelativeDistinguishedName")?);
+            while !s.is_empty() {
+                let mut a = Reader::new(s.element(SEQUENCE, "AttributeTypeAndValue")?);
+                let oid = a.element(OID, "AttributeType")?;
+                let (tag, value) = a.any("AttributeValue")?;
+                a.finish("AttributeTypeAndValue")?;
+                if oid == [0x55, 0x04, 0x03] {
+                    cn = Some(attribute_text(tag, value)?);
+                }
+            }
+        }
+        Ok(cn)
+    }
 }
 
 /// An IA5String's text (ASCII).

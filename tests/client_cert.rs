@@ -1,0 +1,549 @@
+//! Client certificates from the family CA, end to end with the real binary:
+//! `client-cert new` files that openssl's PKCS#12 reader opens, `openssl
+//! s_client` and `curl` with no certificate, another CA's, an expired, a
+//! revoked and a good one; a revocation closing an open connection; and no
+//! session resumption on a client-auth route.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{backends, free_port, msg, Pki, Tcpfwd, TempDir, BIN};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(20);
+
+/// `tcpfwd client-cert ARGS --state-dir STATE`; returns (success, stdout+stderr).
+fn client_cert(state: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .arg("client-cert")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Issues NAME into `dir`; returns (p12 path, password).
+fn issue(state: &Path, dir: &Path, name: &str, extra: &[&str]) -> (PathBuf, String) {
+    let mut args = vec!["new", name, "--out-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (ok, out) = client_cert(state, &args);
+    assert!(ok, "{out}");
+    let pw = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Password: "))
+        .unwrap_or_else(|| panic!("no password in: {out}"))
+        .to_string();
+    (dir.join(format!("{name}.p12")), pw)
+}
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The p12 as one PEM file with the certificate and the key, for curl and s_client.
+fn p12_to_pem(p12: &Path, pw: &str) -> PathBuf {
+    let pem = p12.with_extension("pem");
+    let (ok, out) = openssl(&[
+        "pkcs12",
+        "-in",
+        p12.to_str().unwrap(),
+        "-passin",
+        &format!("pass:{pw}"),
+        "-nodes",
+        "-out",
+        pem.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    pem
+}
+
+/// A certificate for `name` signed by the family CA in `state`, already
+/// expired (the CLI cannot make one); returns the PEM file (cert + key).
+fn expired_from_family(state: &Path, dir: &Path) -> PathBuf {
+    let ca_dir = state.join("family-ca");
+    let ca_pem = std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca-key.pem")).unwrap())
+            .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "old-phone");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(30);
+    params.not_after = now - time::Duration::days(1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let path = dir.join("expired.pem");
+    std::fs::write(&path, cert.pem() + &key.serialize_pem()).unwrap();
+    path
+}
+
+/// A client certificate from an unrelated CA (the test PKI's).
+fn other_ca_cert(pki: &Pki, dir: &Path) -> PathBuf {
+    let (cert, key) = pki.leaf("stranger", &["stranger.test"]);
+    let path = dir.join("stranger.pem");
+    let text = std::fs::read_to_string(cert).unwrap() + &std::fs::read_to_string(key).unwrap();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn curl(port: u16, cert: Option<&Path>) -> (bool, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-k", "--max-time", "10"]);
+    if let Some(c) = cert {
+        cmd.arg("--cert").arg(c);
+    }
+    let out = cmd
+        .arg(format!("https://127.0.0.1:{port}/"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `openssl s_client` sending `GET /`; returns its output.
+fn s_client(port: u16, cert: Option<&Path>, extra: &[&str]) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", &format!("127.0.0.1:{port}")]);
+    if let Some(c) = cert {
+        cmd.arg("-cert").arg(c).arg("-key").arg(c);
+    }
+    let mut child = cmd
+        .args(extra)
+        .arg("-ign_eof")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    }
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+const REPLY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n";
+
+#[test]
+fn new_writes_pkcs12_that_openssl_reads_legacy_and_modern() {
+    common::require_tool("openssl");
+    let tmp = TempDir::new("ccert-p12");
+    let state = tmp.join("state");
+    let (legacy, pw) = issue(&state, tmp.path(), "anna-phone", &["--days", "30"]);
+    let (ok, out) = openssl(&[
+        "pkcs12",
+        "-info",
+        "-legacy",
+        "-in",
+        legacy.to_str().unwrap(),
+        "-passin",
+        &format!("pass:{pw}"),
+        "-nokeys",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("MAC: sha1"), "{out}");
+    assert!(
+        out.contains("Shrouded Keybag: pbeWithSHA1And3-KeyTripleDES-CBC"),
+        "{out}"
+    );
+    assert!(out.contains("subject=CN = anna-phone"), "{out}");
+    let (ok, out) = openssl(&[
+        "pkcs12",
+        "-info",
+        "-legacy",
+        "-in",
+        legacy.to_str().unwrap(),
+        "-passin",
+        "pass:wrong",
+        "-nokeys",
+    ]);
+    assert!(!ok, "a wrong password must fail: {out}");
+
+    let (modern, pw2) = issue(&state, tmp.path(), "laptop", &["--modern"]);
+    assert_ne!(pw, pw2);
+    let (ok, out) = openssl(&[
+        "pkcs12",
+        "-info",
+        "-in",
+        modern.to_str().unwrap(),
+        "-passin",
+        &format!("pass:{pw2}"),
+        "-nokeys",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("AES-256-CBC"), "{out}");
+
+    // Private files; the password is stored nowhere.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&legacy), 0o600);
+    assert_eq!(mode(&state.join("family-ca")), 0o700);
+    assert_eq!(mode(&state.join("family-ca/ca-key.pem")), 0o600);
+    for f in std::fs::read_dir(state.join("family-ca")).unwrap() {
+        let text = std::fs::read(f.unwrap().path()).unwrap();
+        assert!(!String::from_utf8_lossy(&text).contains(&pw));
+    }
+
+    // The certificate: clientAuth, backdated an hour.
+    let pem = p12_to_pem(&legacy, &pw);
+    let (_, text) = openssl(&["x509", "-in", pem.to_str().unwrap(), "-noout", "-text"]);
+    assert!(text.contains("TLS Web Client Authentication"), "{text}");
+
+    let (ok, list) = client_cert(&state, &["list"]);
+    assert!(ok, "{list}");
+    assert!(
+        list.contains("anna-phone") && list.contains("valid"),
+        "{list}"
+    );
+    let (ok, out) = client_cert(&state, &["revoke", "anna-phone"]);
+    assert!(ok, "{out}");
+    let (_, list) = client_cert(&state, &["list"]);
+    let line = list.lines().find(|l| l.starts_with("anna-phone")).unwrap();
+    assert!(line.ends_with("revoked"), "{list}");
+    let (ok, out) = client_cert(&state, &["revoke", "nobody"]);
+    assert!(!ok && out.contains("no certificate named"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_good_family_certificate_reaches_the_backend() {
+    common::require_tool("openssl");
+    common::require_tool("curl");
+    let tmp = TempDir::new("ccert-who");
+    let state = tmp.join("state");
+    let (good, pw) = issue(&state, tmp.path(), "good", &[]);
+    let good = p12_to_pem(&good, &pw);
+    let (revoked, pw) = issue(&state, tmp.path(), "lost-phone", &[]);
+    let revoked = p12_to_pem(&revoked, &pw);
+    assert!(client_cert(&state, &["revoke", "lost-phone"]).0);
+    let expired = expired_from_family(&state, tmp.path());
+    let pki = Pki::new();
+    let stranger = other_ca_cert(&pki, tmp.path());
+
+    let (backend, hits) = backends::fixed_reply("127.0.0.1:0", REPLY).await;
+    let port = free_port();
+    let fwd = Tcpfwd::start(&[
+        "--map",
+        &format!("127.0.0.1:{port}:{backend}"),
+        "--client-auth",
+        "family",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+
+    let cases: [(&str, Option<&Path>, &str); 4] = [
+        ("none", None, "peer sent no certificates"),
+        ("another CA's", Some(&stranger), "UnknownIssuer"),
+        ("expired", Some(&expired), "certificate expired"),
+        ("revoked", Some(&revoked), "Revoked"),
+    ];
+    for (what, cert, why) in cases {
+        let (ok, out) = tokio::task::block_in_place(|| curl(port, cert));
+        assert!(!ok, "curl with {what} certificate got through: {out}");
+        let out = tokio::task::block_in_place(|| s_client(port, cert, &[]));
+        assert!(!out.contains("hello"), "s_client with {what}: {out}");
+        let logged = fwd
+            .wait_for_async(
+                move |e| {
+                    msg(e) == "connection closed"
+                        && e["reason"] == "client certificate rejected"
+                        && e["detail"].as_str().unwrap_or("").contains(why)
+                },
+                2,
+                T,
+            )
+            .await;
+        assert_eq!(logged[0]["client_cn"], "");
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "nothing reached the backend"
+    );
+
+    let (ok, out) = tokio::task::block_in_place(|| curl(port, Some(&good)));
+    assert!(ok && out.contains("hello"), "{out}");
+    let out = tokio::task::block_in_place(|| s_client(port, Some(&good), &[]));
+    assert!(out.contains("hello"), "{out}");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    let ok = fwd
+        .wait_for_async(
+            |e| msg(e) == "connection closed" && e["client_cn"] == "good",
+            2,
+            T,
+        )
+        .await;
+    assert_eq!(ok[0]["client_serial"].as_str().unwrap().len(), 32);
+
+    // No resumption on a client-auth route: TLS 1.3 gets no ticket, TLS 1.2
+    // no session ID to come back with.
+    for version in ["-tls1_3", "-tls1_2"] {
+        let sess = tmp.join(&format!("sess{version}"));
+        let out = tokio::task::block_in_place(|| {
+            s_client(
+                port,
+                Some(&good),
+                &[version, "-sess_out", sess.to_str().unwrap()],
+            )
+        });
+        assert!(out.contains("hello"), "{out}");
+        assert!(
+            !out.contains("New Session Ticket arrived"),
+            "{version}: a session ticket was sent: {out}"
+        );
+        if sess.exists() {
+            let again = tokio::task::block_in_place(|| {
+                s_client(
+                    port,
+                    Some(&good),
+                    &[version, "-sess_in", sess.to_str().unwrap()],
+                )
+            });
+            assert!(
+                !again.contains("Reused,"),
+                "{version}: a session was resumed: {again}"
+            );
+            assert!(again.contains("New,"), "{again}");
+        }
+    }
+    drop(fwd);
+}
+
+/// A rustls client presenting the certificate and key in `pem`.
+fn client_with_cert(pem: &Path) -> Arc<rustls::ClientConfig> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pem)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(pem).unwrap();
+    #[derive(Debug)]
+    struct AnyServer;
+    impl rustls::client::danger::ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer))
+        .with_client_auth_cert(certs, key)
+        .unwrap(),
+    )
+}
+
+async fn echo_once<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) {
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(T, s.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_closes_the_open_connections_made_with_the_certificate() {
+    common::require_tool("openssl");
+    let tmp = TempDir::new("ccert-revoke");
+    let state = tmp.join("state");
+    let (lost, pw) = issue(&state, tmp.path(), "lost-phone", &[]);
+    let lost = p12_to_pem(&lost, &pw);
+    let (kept, pw) = issue(&state, tmp.path(), "kept-phone", &[]);
+    let kept = p12_to_pem(&kept, &pw);
+    let backend = backends::echo().await;
+    let port = free_port();
+    let fwd = Tcpfwd::start(&[
+        "--map",
+        &format!("127.0.0.1:{port}:{backend}"),
+        "--client-auth",
+        "family",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let addr = fwd.addr(0);
+    let mut a = common::tls_connect(client_with_cert(&lost), addr, "localhost")
+        .await
+        .unwrap();
+    let mut b = common::tls_connect(client_with_cert(&kept), addr, "localhost")
+        .await
+        .unwrap();
+    echo_once(&mut a).await;
+    echo_once(&mut b).await;
+
+    let (ok, out) = tokio::task::block_in_place(|| client_cert(&state, &["revoke", "lost-phone"]));
+    assert!(ok, "{out}");
+    // Picked up by the CRL poll (every 2 s), no signal needed.
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(T, a.read_to_end(&mut sink)).await;
+    assert!(
+        read.is_ok(),
+        "the revoked certificate's connection is still open"
+    );
+    let closed = fwd
+        .wait_for_async(
+            |e| msg(e) == "connection closed" && e["reason"] == "client certificate revoked",
+            1,
+            T,
+        )
+        .await;
+    assert_eq!(closed[0]["client_cn"], "lost-phone");
+    // The other one goes on.
+    echo_once(&mut b).await;
+    // And a new handshake with the revoked certificate fails.
+    let again = common::tls_connect(client_with_cert(&lost), addr, "localhost").await;
+    let refused = match again {
+        Err(_) => true,
+        Ok(mut s) => {
+            // TLS 1.3: the client's Finished is sent before the server's verdict.
+            let _ = s.write_all(b"ping").await;
+            let mut buf = [0u8; 4];
+            !matches!(
+                tokio::time::timeout(T, s.read_exact(&mut buf)).await,
+                Ok(Ok(_))
+            )
+        }
+    };
+    assert!(
+        refused,
+        "a new handshake with the revoked certificate got through"
+    );
+    fwd.wait_for_async(
+        |e| msg(e) == "connection closed" && e["detail"].as_str().unwrap_or("").contains("Revoked"),
+        1,
+        T,
+    )
+    .await;
+    drop(fwd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_v2_header_carries_the_client_cn_and_verified() {
+    common::require_tool("openssl");
+    let tmp = TempDir::new("ccert-ppv2");
+    let state = tmp.join("state");
+    let (p12, pw) = issue(&state, tmp.path(), "anna-phone", &[]);
+    let pem = p12_to_pem(&p12, &pw);
+    let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let backend = backends::one_connection(|mut s| async move {
+        let mut buf = vec![0u8; 512];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        buf.truncate(n);
+        let _ = tx.send(buf);
+    })
+    .await;
+    let port = free_port();
+    let fwd = Tcpfwd::start(&[
+        "--map",
+        &format!("127.0.0.1:{port}:{backend}"),
+        "--client-auth",
+        "family",
+        "--proxy-protocol",
+        "v2",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    let mut c = common::tls_connect(client_with_cert(&pem), fwd.addr(0), "localhost")
+        .await
+        .unwrap();
+    c.write_all(b"x").await.unwrap();
+    let header = tokio::time::timeout(T, rx).await.unwrap().unwrap();
+    let parsed = ppp::v2::Header::try_from(&header[..]).expect("a PROXY v2 header");
+    let ssl = parsed
+        .tlvs()
+        .filter_map(Result::ok)
+        .find(|t| t.kind == 0x20)
+        .expect("a PP2_TYPE_SSL TLV");
+    // client: PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN, verify: 0 (verified).
+    assert_eq!(ssl.value[0] & 0x03, 0x03, "{:?}", ssl.value);
+    assert_eq!(&ssl.value[1..5], &[0, 0, 0, 0]);
+    let text = String::from_utf8_lossy(&ssl.value);
+    assert!(text.contains("anna-phone"), "{text}");
+    drop(fwd);
+}
