@@ -127,6 +127,16 @@ pub fn family_dirs(config: &Config) -> Vec<std::path::PathBuf> {
     dirs
 }
 
+/// One handle per frontend, serving its table.
+fn handles(config: &Config, tables: Vec<RouteTable>) -> Vec<Arc<FrontendHandle>> {
+    config
+        .frontends
+        .iter()
+        .zip(tables)
+        .map(|(f, t)| FrontendHandle::new(f.listen, t))
+        .collect()
+}
+
 /// The route tables of every frontend, certificates from `resolver`.
 pub fn route_tables(
     config: &Config,
@@ -190,12 +200,7 @@ pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Res
     }
     let resolver = tls::CertResolver::with_set(certs);
     let tables = route_tables(&config, &provider, &resolver)?;
-    let frontends: Vec<Arc<FrontendHandle>> = config
-        .frontends
-        .iter()
-        .zip(tables)
-        .map(|(f, t)| FrontendHandle::new(f.listen, t))
-        .collect();
+    let frontends = handles(&config, tables);
     let gate = Gate::new(config.sources);
     tracing::debug!(sources = ?config.sources, "per-source limits");
     let ctx = Arc::new(Context {
@@ -351,12 +356,7 @@ pub fn check(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Result<Vec
         .iter()
         .map(|f| builder.table(f))
         .collect::<anyhow::Result<_>>()?;
-    let frontends: Vec<Arc<FrontendHandle>> = config
-        .frontends
-        .iter()
-        .zip(tables)
-        .map(|(f, t)| FrontendHandle::new(f.listen, t))
-        .collect();
+    let frontends = handles(&config, tables);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
