@@ -15,6 +15,7 @@ use crate::net::server::{Limits, Server, ServerHandle};
 use crate::net::sys;
 use crate::proxy::forward::Context;
 use crate::proxy::routes::{FrontendHandle, RouteTable, TableBuilder};
+use crate::service::metrics::{self, Metrics};
 use crate::service::notify::Notifier;
 use crate::service::reload::{Hangups, Reloader, Reloads, Status};
 use crate::tls;
@@ -41,6 +42,8 @@ pub struct Served {
     pub resolver: Arc<tls::CertResolver>,
     /// One per frontend, in the configuration's order.
     pub frontends: Vec<Arc<FrontendHandle>>,
+    /// What the metrics endpoint shows; kept across reloads.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Served {
@@ -111,13 +114,18 @@ pub fn self_signed_names(config: &Config, extra: &[String]) -> Vec<String> {
     names
 }
 
-/// The route tables of every frontend, certificates from `resolver`.
+/// The route tables of every frontend, certificates from `resolver`,
+/// counting into `metrics`.
 pub fn route_tables(
     config: &Config,
     provider: &Arc<CryptoProvider>,
     resolver: &Arc<tls::CertResolver>,
+    metrics: Option<&Arc<Metrics>>,
 ) -> anyhow::Result<Vec<RouteTable>> {
     let mut builder = TableBuilder::new(provider.clone(), resolver.clone());
+    if let Some(m) = metrics {
+        builder = builder.with_metrics(m.clone());
+    }
     config.frontends.iter().map(|f| builder.table(f)).collect()
 }
 
@@ -169,7 +177,8 @@ pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Res
 
     let (certs, acme_task) = certificates(&config, &provider)?;
     let resolver = tls::CertResolver::with_set(certs);
-    let tables = route_tables(&config, &provider, &resolver)?;
+    let metrics = Metrics::new(resolver.clone());
+    let tables = route_tables(&config, &provider, &resolver, Some(&metrics))?;
     let frontends: Vec<Arc<FrontendHandle>> = config
         .frontends
         .iter()
@@ -205,6 +214,7 @@ pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Res
             provider,
             resolver,
             frontends,
+            metrics,
         },
         acme: acme_task,
     })
@@ -231,7 +241,13 @@ pub async fn run_with(
     };
     let workers = config.workers;
     let activated = systemd.sockets.is_some();
+    let metrics_addr = config.metrics;
     let prepared = prepare_with(config, systemd.sockets)?;
+    // Bound before the server starts, so that a taken port ends start-up.
+    let metrics_listener = match metrics_addr {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let notifier = systemd.notifier;
     let server = Server::start(prepared.listeners, prepared.ctx.clone(), limits)
         .context("starting the worker threads")?;
@@ -254,6 +270,12 @@ pub async fn run_with(
             }),
         );
     }
+    let metrics_task = metrics_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "serving metrics at /metrics");
+        }
+        tokio::spawn(metrics::serve(l, prepared.served.metrics.clone()))
+    });
     let reloads = Reloads {
         hangups,
         reloader: Reloader {
@@ -281,6 +303,9 @@ pub async fn run_with(
     };
     server.run_until(shutdown).await;
     watchdog.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     Ok(())
 }
 
@@ -316,7 +341,7 @@ pub fn check(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Result<Vec
         }
     };
     let resolver = tls::CertResolver::with_set(certs);
-    let tables = route_tables(&config, &provider, &resolver)?;
+    let tables = route_tables(&config, &provider, &resolver, None)?;
     let frontends: Vec<Arc<FrontendHandle>> = config
         .frontends
         .iter()

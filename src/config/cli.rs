@@ -216,6 +216,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (plain HTTP, no
+    /// authentication: keep it on loopback or a private network). [default: off]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+
     /// Get the certificate from an ACME CA (Let's Encrypt by default) for this
     /// DNS name, proven over TLS-ALPN-01 on tcpfwd's own port (repeatable; all
     /// names, and every route's, go on one certificate). Using it means
@@ -348,6 +353,7 @@ impl RunArgs {
             threads: self.threads,
             log_level: self.log_level.clone(),
             log_format: self.log_format.map(Into::into),
+            metrics: self.metrics,
             file: None,
         })
     }

@@ -166,6 +166,7 @@ const TABLES: &[(&str, &[&str])] = &[
             "cipher_preference",
             "log_level",
             "log_format",
+            "metrics",
             "self_signed_names",
             "state_dir",
             "cert",
@@ -324,6 +325,7 @@ with_route_settings! {
         cipher_preference: Option<Spanned<String>>,
         log_level: Option<Spanned<String>>,
         log_format: Option<Spanned<String>>,
+        metrics: Option<Spanned<String>>,
         self_signed_names: Option<Vec<Spanned<String>>>,
         state_dir: Option<Spanned<String>>,
         cert: Option<Vec<CertDoc>>,
@@ -558,6 +560,18 @@ impl TopDoc {
                 .log_format
                 .as_ref()
                 .map(|v| choice::<LogFormat>(src, "log_format", v, "\"text\" or \"json\""))
+                .transpose()?,
+            metrics: self
+                .metrics
+                .as_ref()
+                .map(|v| {
+                    v.get_ref().parse().map_err(|_| {
+                        src.error(
+                            &v.span(),
+                            "`metrics`: expected ADDR:PORT, such as \"127.0.0.1:9100\" or \"[::1]:9100\"",
+                        )
+                    })
+                })
                 .transpose()?,
             file: Some(src.path.to_path_buf()),
         })
@@ -801,6 +815,7 @@ listen = "[::1]:7682"
             threads: Some(2),
             log_level: Some("debug".into()),
             log_format: Some(LogFormat::Json),
+            metrics: None,
             file: Some(path().to_path_buf()),
         };
         assert_eq!(l, expected);

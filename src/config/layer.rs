@@ -130,6 +130,8 @@ pub struct Layer {
     pub log_level: Option<String>,
     /// Log format.
     pub log_format: Option<LogFormat>,
+    /// Metrics endpoint.
+    pub metrics: Option<std::net::SocketAddr>,
     /// The file, for the file's layer.
     pub file: Option<PathBuf>,
 }
@@ -246,6 +248,7 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Text),
         },
+        metrics: cli.metrics.or(file.metrics),
         file: file.file.clone(),
     })
 }

@@ -37,6 +37,8 @@ pub struct Config {
     pub workers: usize,
     /// Log level and format.
     pub log: Logging,
+    /// Where to serve Prometheus metrics (`/metrics`); none by default.
+    pub metrics: Option<std::net::SocketAddr>,
     /// The file this came from, re-read on SIGHUP.
     pub file: Option<PathBuf>,
 }

@@ -124,6 +124,9 @@ pub async fn serve(
     let started = Instant::now();
     let stats = Stats::new();
     let mut seen = Seen::default();
+    let counters = frontend.table().metrics.clone();
+    counters.accepted.inc();
+    counters.unrouted.open.inc();
     let end = tokio::select! {
         end = run(tcp, peer, &frontend, &ctx, &stats, &mut seen) => end,
         _ = stop.wait_for(|s| *s) => End::Shutdown,
@@ -133,6 +136,17 @@ pub async fn serve(
     let detail = end.detail().or_else(|| stats.error_text());
     let no_close_notify = stats.client_skipped_close_notify();
     let reason = end.reason();
+    let route_counters = seen
+        .route
+        .as_ref()
+        .map_or(&counters.unrouted, |r| &*r.metrics);
+    route_counters.open.dec();
+    route_counters.closed(reason, up, down);
+    match &end {
+        End::HandshakeTimeout => route_counters.handshake_failed(None),
+        End::HandshakeFailed(e) => route_counters.handshake_failed(Some(e)),
+        _ => {}
+    }
     let sni = seen.sni.as_deref().unwrap_or("");
     let (map, route, backend) = match &seen.route {
         Some(r) => (r.map.clone(), r.label.as_str(), r.route.backend.to_string()),
@@ -216,6 +230,11 @@ async fn run(
             }
         };
         seen.route = route.clone();
+        if let Some(r) = &route {
+            r.metrics.opened.inc();
+            r.metrics.open.inc();
+            table.metrics.unrouted.open.dec();
+        }
         // The route's handshake limit counts from the accept, the hello included.
         let limit = route
             .as_ref()
@@ -223,7 +242,12 @@ async fn run(
         match timeout_at(started + limit, hello.handshake(config)).await {
             Err(_) => Err(End::HandshakeTimeout),
             Ok(Err(e)) => Err(End::HandshakeFailed(e)),
-            Ok(Ok(stream)) => Ok((Box::new(stream), route)),
+            Ok(Ok(stream)) => {
+                if let Some(r) = &route {
+                    r.metrics.handshake_done(started.elapsed());
+                }
+                Ok((Box::new(stream), route))
+            }
         }
     });
     let (mut client, route) = match handshake.await {

@@ -14,6 +14,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::ServerConfig;
 
 use crate::config::{Frontend, Listen, Route, SniName};
+use crate::service::metrics::{FrontendMetrics, Metrics, RouteMetrics};
 use crate::tls::{self, CertResolver};
 
 /// A route as connections use it: its settings and its TLS configuration.
@@ -27,6 +28,8 @@ pub struct ActiveRoute {
     pub map: String,
     /// The server configuration for its handshakes.
     pub tls: Arc<ServerConfig>,
+    /// Its counters, labelled once here rather than per connection.
+    pub metrics: Arc<RouteMetrics>,
 }
 
 /// One frontend's routes, indexed by server name.
@@ -41,6 +44,8 @@ pub struct RouteTable {
     pub hello_timeout: Duration,
     /// The frontend for messages: its only route's map, or its address and names.
     pub describe: String,
+    /// The frontend's counters, for connections before or without a route.
+    pub metrics: Arc<FrontendMetrics>,
 }
 
 impl RouteTable {
@@ -104,6 +109,7 @@ pub struct TableBuilder {
     provider: Arc<CryptoProvider>,
     resolver: Arc<CertResolver>,
     configs: Vec<(Vec<Vec<u8>>, Arc<ServerConfig>)>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl TableBuilder {
@@ -113,7 +119,14 @@ impl TableBuilder {
             provider,
             resolver,
             configs: Vec::new(),
+            metrics: None,
         }
+    }
+
+    /// Routes will count into `metrics` (without, into counters nobody reads).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> TableBuilder {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn server_config(&mut self, alpn: &[Vec<u8>]) -> anyhow::Result<Arc<ServerConfig>> {
@@ -127,6 +140,7 @@ impl TableBuilder {
 
     /// The table for `frontend` (whose routes the configuration checked).
     pub fn table(&mut self, frontend: &Frontend) -> anyhow::Result<RouteTable> {
+        let frontend_label = frontend.listen.to_string();
         let mut t = RouteTable {
             routes: Vec::with_capacity(frontend.routes.len()),
             exact: HashMap::new(),
@@ -134,6 +148,10 @@ impl TableBuilder {
             default: None,
             hello_timeout: Duration::ZERO,
             describe: describe(frontend),
+            metrics: Arc::new(match &self.metrics {
+                Some(m) => m.frontend(&frontend_label),
+                None => FrontendMetrics::unregistered(),
+            }),
         };
         for (i, r) in frontend.routes.iter().enumerate() {
             for n in &r.names {
@@ -146,8 +164,14 @@ impl TableBuilder {
                 t.default = Some(i);
             }
             t.hello_timeout = t.hello_timeout.max(r.timeouts.handshake);
+            let label = r.label();
+            let metrics = Arc::new(match &self.metrics {
+                Some(m) => m.route(&frontend_label, &label),
+                None => RouteMetrics::unregistered(),
+            });
             t.routes.push(Arc::new(ActiveRoute {
-                label: r.label(),
+                metrics,
+                label,
                 map: r.map_text(&frontend.listen),
                 tls: self.server_config(&r.alpn)?,
                 route: r.clone(),

@@ -91,7 +91,12 @@ impl Reloader {
         // Build everything, and bind the added frontends, before swapping
         // anything in.
         let resolver = &self.served.resolver;
-        let tables = app::route_tables(&new, &self.served.provider, resolver)?;
+        let tables = app::route_tables(
+            &new,
+            &self.served.provider,
+            resolver,
+            Some(&self.served.metrics),
+        )?;
         let plan = self.plan(&new, tables)?;
         let sha256 = certs.as_ref().map(|set| {
             set.first()
@@ -445,11 +450,13 @@ impl Reloads {
                         tracing::info!(%sha256, "certificate reloaded; new handshakes get it");
                     }
                     self.status.set_reload_error(None);
+                    self.reloader.served.metrics.reloads.inc();
                 }
                 Ok(Outcome::Nothing(why)) => tracing::info!("nothing to reload: {why}"),
                 Err(e) => {
                     tracing::error!("reload failed, still serving the previous configuration and certificate: {e:#}");
                     self.status.set_reload_error(Some(format!("{e:#}")));
+                    self.reloader.served.metrics.reload_failures.inc();
                 }
             }
             self.status.ready();
