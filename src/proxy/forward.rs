@@ -318,3 +318,34 @@ async fn run(
     }
     end
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_counter() {
+        let ends = [
+            End::Closed(Side::Client),
+            End::Closed(Side::Backend),
+            End::HandshakeTimeout,
+            End::HandshakeFailed(io::Error::other("x")),
+            End::AcmeChallenge,
+            End::NoRoute,
+            End::ConnectTimeout,
+            End::BackendUnreachable(String::new()),
+            End::Expired(Expired::Idle),
+            End::Expired(Expired::Close),
+            End::Failed(String::new()),
+            End::Shutdown,
+        ];
+        for e in ends {
+            let r = e.reason();
+            assert!(
+                crate::service::metrics::REASONS[..crate::service::metrics::REASONS.len() - 1]
+                    .contains(&r),
+                "reason {r:?} is missing from metrics::REASONS"
+            );
+        }
+    }
+}

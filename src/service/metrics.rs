@@ -293,6 +293,36 @@ impl Metrics {
             frontend: frontend.to_string(),
             route: route.to_string(),
         };
+        RouteMetrics {
+            opened: self.opened.get_or_create(&labels).clone(),
+            bytes_up: self.bytes_up.get_or_create(&labels).clone(),
+            bytes_down: self.bytes_down.get_or_create(&labels).clone(),
+            handshake_seconds: self.handshake_seconds.get_or_create(&labels).clone(),
+            ..self.ending(frontend, route)
+        }
+    }
+
+    /// The counters of `frontend` for connections without a route.
+    pub fn frontend(&self, frontend: &str) -> FrontendMetrics {
+        FrontendMetrics {
+            accepted: self
+                .accepted
+                .get_or_create(&FrontendLabels {
+                    frontend: frontend.to_string(),
+                })
+                .clone(),
+            unrouted: self.ending(frontend, ""),
+        }
+    }
+
+    /// What applies to any connection, routed or not: the open gauge and the
+    /// ends. The others stay out of the registry, rather than show
+    /// `route=""` series that are always zero.
+    fn ending(&self, frontend: &str, route: &str) -> RouteMetrics {
+        let labels = RouteLabels {
+            frontend: frontend.to_string(),
+            route: route.to_string(),
+        };
         let closed = REASONS
             .iter()
             .map(|r| {
@@ -318,26 +348,10 @@ impl Metrics {
             })
             .collect();
         RouteMetrics {
-            opened: self.opened.get_or_create(&labels).clone(),
             open: self.open.get_or_create(&labels).clone(),
             closed,
-            bytes_up: self.bytes_up.get_or_create(&labels).clone(),
-            bytes_down: self.bytes_down.get_or_create(&labels).clone(),
             handshake_failures,
-            handshake_seconds: self.handshake_seconds.get_or_create(&labels).clone(),
-        }
-    }
-
-    /// The counters of `frontend` for connections without a route.
-    pub fn frontend(&self, frontend: &str) -> FrontendMetrics {
-        FrontendMetrics {
-            accepted: self
-                .accepted
-                .get_or_create(&FrontendLabels {
-                    frontend: frontend.to_string(),
-                })
-                .clone(),
-            unrouted: self.route(frontend, ""),
+            ..RouteMetrics::unregistered()
         }
     }
 
