@@ -888,6 +888,13 @@ listen = "[::1]:7682"
     }
 
     #[test]
+    fn metrics_address() {
+        let l = parse("metrics = \"[::1]:9100\"\n", path()).unwrap();
+        assert_eq!(l.metrics, Some("[::1]:9100".parse().unwrap()));
+        fails("metrics = \"localhost\"\n", 1, 11, &["`metrics`: expected ADDR:PORT"]);
+    }
+
+    #[test]
     fn syntax_error() {
         fails("threads = 2\nlog_level = info\n", 2, 13, &["invalid TOML"]);
         fails("[[frontend]\n", 1, 12, &["invalid TOML"]);
