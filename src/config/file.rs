@@ -891,7 +891,12 @@ listen = "[::1]:7682"
     fn metrics_address() {
         let l = parse("metrics = \"[::1]:9100\"\n", path()).unwrap();
         assert_eq!(l.metrics, Some("[::1]:9100".parse().unwrap()));
-        fails("metrics = \"localhost\"\n", 1, 11, &["`metrics`: expected ADDR:PORT"]);
+        fails(
+            "metrics = \"localhost\"\n",
+            1,
+            11,
+            &["`metrics`: expected ADDR:PORT"],
+        );
     }
 
     #[test]

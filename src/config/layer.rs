@@ -243,10 +243,7 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
                 .clone()
                 .or_else(|| file.log_level.clone())
                 .unwrap_or_else(|| "info".into()),
-            format: cli
-                .log_format
-                .or(file.log_format)
-                .unwrap_or(LogFormat::Text),
+            format: cli.log_format.or(file.log_format),
         },
         metrics: cli.metrics.or(file.metrics),
         file: file.file.clone(),

@@ -233,8 +233,9 @@ impl FromStr for LogFormat {
 pub struct Logging {
     /// A level, or `TARGET=LEVEL` pairs; `RUST_LOG` wins over it.
     pub level: String,
-    /// Text or JSON lines.
-    pub format: LogFormat,
+    /// Text or JSON lines, when chosen. Not chosen: the journal's native
+    /// fields when standard error is the journal (under systemd), else text.
+    pub format: Option<LogFormat>,
 }
 
 /// A certificate chain and its key, as PEM files.
