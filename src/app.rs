@@ -177,7 +177,7 @@ pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Res
 
     let (certs, acme_task) = certificates(&config, &provider)?;
     let resolver = tls::CertResolver::with_set(certs);
-    let metrics = Metrics::new(resolver.clone());
+    let metrics = Metrics::new(resolver.clone(), acme_task.as_ref().map(|t| t.metrics()));
     let tables = route_tables(&config, &provider, &resolver, Some(&metrics))?;
     let frontends: Vec<Arc<FrontendHandle>> = config
         .frontends

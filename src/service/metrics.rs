@@ -167,6 +167,17 @@ fn failure_kind(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// The ACME task's times, as Unix timestamps (0: not yet).
+#[derive(Debug, Clone, Default)]
+pub struct AcmeMetrics {
+    /// The end of the last attempt that got a certificate.
+    pub last_success: Gauge,
+    /// The end of the last attempt that failed.
+    pub last_failure: Gauge,
+    /// When the certificate in force is due for renewal.
+    pub next_renewal: Gauge,
+}
+
 /// One frontend's counters, resolved with its route table.
 #[derive(Debug)]
 pub struct FrontendMetrics {
@@ -205,8 +216,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The metrics of a process serving the certificates of `resolver`.
-    pub fn new(resolver: Arc<CertResolver>) -> Arc<Metrics> {
+    /// The metrics of a process serving the certificates of `resolver`,
+    /// with the ACME task's times when there is one.
+    pub fn new(resolver: Arc<CertResolver>, acme: Option<AcmeMetrics>) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("tcpfwd");
         let m = Metrics {
             accepted: Family::default(),
@@ -283,6 +295,27 @@ impl Metrics {
             m.reload_failures.clone(),
         );
         registry.register_collector(Box::new(CertExpiry(resolver)));
+        if let Some(acme) = acme {
+            let unit = || Unit::Other("timestamp_seconds".into());
+            registry.register_with_unit(
+                "acme_last_success",
+                "When the last ACME order got a certificate (Unix time; 0: not since start)",
+                unit(),
+                acme.last_success,
+            );
+            registry.register_with_unit(
+                "acme_last_failure",
+                "When the last ACME attempt failed (Unix time; 0: not since start)",
+                unit(),
+                acme.last_failure,
+            );
+            registry.register_with_unit(
+                "acme_next_renewal",
+                "When the certificate in force is due for renewal (Unix time; 0: not scheduled)",
+                unit(),
+                acme.next_renewal,
+            );
+        }
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -524,7 +557,7 @@ mod tests {
     fn counters_are_shared_and_encoded() {
         let provider = tls::provider(false);
         let ss = tls::self_signed(&["a.example".into()], &provider).unwrap();
-        let m = Metrics::new(CertResolver::new(ss.key));
+        let m = Metrics::new(CertResolver::new(ss.key), Some(AcmeMetrics::default()));
         let r = m.route("443", "a.example");
         let again = m.route("443", "a.example");
         r.opened.inc();
@@ -548,5 +581,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tcpfwd_build_info{version="), "{text}");
+        assert!(
+            text.contains("tcpfwd_acme_next_renewal_timestamp_seconds 0"),
+            "{text}"
+        );
     }
 }
