@@ -77,6 +77,11 @@ impl Reloader {
     pub async fn apply(&mut self, new: Config) -> anyhow::Result<Outcome> {
         let from_file = new.file.is_some();
         self.check_unchanged(&new)?;
+        if new.metrics != self.served.config.metrics {
+            tracing::warn!(
+                "the metrics address changed; the endpoint stays where it is until a restart"
+            );
+        }
         let certs = self.certificates(&new)?;
         if !from_file && certs.is_none() {
             return Ok(Outcome::Nothing(
