@@ -88,6 +88,16 @@ impl Prometheus {
         std::fs::read_to_string(self._dir.join("prometheus.log")).unwrap_or_default()
     }
 
+    /// The query API's answer to an instant query.
+    fn query(&self, query: &str) -> Option<Value> {
+        let (_, body) = http_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", urlencode(query)),
+        )
+        .ok()?;
+        serde_json::from_str(&body).ok()
+    }
+
     /// The instant query's one value, if it has exactly one series.
     fn value(&self, query: &str) -> Option<f64> {
         let (_, body) = http_get(
@@ -259,9 +269,81 @@ async fn prometheus_scrapes_what_the_connections_did() {
         ),
         1.0,
     );
+    // Every query of the example dashboard is valid, and finds something.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/monitoring/tcpfwd-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut exprs = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$__range", "5m")
+                .replace("$instance", ".*");
+            let answer = prom.query(&expr);
+            let status = answer.as_ref().map(|a| a["status"].clone());
+            assert_eq!(
+                status,
+                Some(Value::from("success")),
+                "dashboard query {expr}: {answer:?}"
+            );
+            exprs += 1;
+        }
+    }
+    assert!(exprs >= 9, "{exprs} dashboard queries");
+    // Every metric the rules and the dashboard name is one tcpfwd exposes.
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/monitoring/tcpfwd-alerts.yml"
+    ))
+    .unwrap();
+    for source in [rules, dashboard.to_string()] {
+        for (i, _) in source.match_indices("tcpfwd_") {
+            let name: String = source[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            // The ACME times exist only with ACME (tests/acme.rs reads them).
+            if !name.starts_with("tcpfwd_acme_") {
+                assert!(text.contains(&name), "{name} is not in the scraped text");
+            }
+        }
+    }
     // The test certificate is valid for a long time yet.
     prom.wait_value(
         "count(tcpfwd_certificate_not_after_seconds{subject=~\".*tcpfwd test leaf.*\"} > time())",
         1.0,
     );
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    require_tool("promtool");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/monitoring");
+    for args in [
+        ["check", "rules", "tcpfwd-alerts.yml"],
+        ["test", "rules", "tcpfwd-alerts.test.yml"],
+    ] {
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg("promtool")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run promtool");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
