@@ -124,7 +124,7 @@ pub async fn serve(
     let started = Instant::now();
     let stats = Stats::new();
     let mut seen = Seen::default();
-    let counters = frontend.table().metrics.clone();
+    let counters = &frontend.metrics;
     counters.accepted.inc();
     counters.unrouted.open.inc();
     let end = tokio::select! {
@@ -233,7 +233,7 @@ async fn run(
         if let Some(r) = &route {
             r.metrics.opened.inc();
             r.metrics.open.inc();
-            table.metrics.unrouted.open.dec();
+            frontend.metrics.unrouted.open.dec();
         }
         // The route's handshake limit counts from the accept, the hello included.
         let limit = route

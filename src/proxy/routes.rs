@@ -80,6 +80,8 @@ impl RouteTable {
 pub struct FrontendHandle {
     /// Where it listens; fixed for its life.
     pub listen: Listen,
+    /// Its counters (labelled by `listen`, so every table of it has the same).
+    pub metrics: Arc<FrontendMetrics>,
     table: ArcSwap<RouteTable>,
 }
 
@@ -88,6 +90,7 @@ impl FrontendHandle {
     pub fn new(listen: Listen, table: RouteTable) -> Arc<FrontendHandle> {
         Arc::new(FrontendHandle {
             listen,
+            metrics: table.metrics.clone(),
             table: ArcSwap::from_pointee(table),
         })
     }
