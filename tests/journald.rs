@@ -152,4 +152,38 @@ fn journal_helper() {
         written.is_empty(),
         "standard error should be unused: {written}"
     );
+
+    // An explicit --log-format wins: JSON on standard error, nothing sent.
+    // What the first one sent as it stopped is read away first.
+    journal
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    while journal.recv(&mut buf).is_ok() {}
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let meta = stderr.metadata().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--map", "127.0.0.1:0:127.0.0.1:9", "--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut written = String::new();
+    while Instant::now() < deadline && !written.contains("\"ready\"") {
+        std::thread::sleep(Duration::from_millis(50));
+        written = std::fs::read_to_string(&stderr_path).unwrap();
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+    assert!(written.contains("\"message\":\"ready\""), "{written}");
+    assert!(
+        journal.recv(&mut buf).is_err(),
+        "an explicit --log-format sent to the journal"
+    );
 }
