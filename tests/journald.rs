@@ -139,6 +139,7 @@ fn journal_helper() {
     let e = found.unwrap_or_else(|| panic!("no connection closed entry; got {entries:#?}"));
     assert_eq!(e["REASON"], "handshake failed", "{e:#?}");
     assert!(e["PEER"].starts_with("127.0.0.1:"), "{e:#?}");
+    assert_eq!(e["PEER_IP"], "127.0.0.1", "{e:#?}");
     assert_eq!(e["PRIORITY"], "5", "{e:#?}");
     assert_eq!(e["SYSLOG_IDENTIFIER"], "tcpfwd", "{e:#?}");
     assert!(e.contains_key("DETAIL"), "{e:#?}");

@@ -173,13 +173,13 @@ pub async fn serve(
         | End::NoRoute
         | End::HandshakeFailed(_)
         | End::HandshakeTimeout => tracing::info!(
-            %peer, map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
+            %peer, peer_ip = %peer.ip(), map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
             reason, client_close_notify = !no_close_notify, tls_version, cipher, kx,
             detail = detail.as_deref().unwrap_or(""),
             "connection closed"
         ),
         _ => tracing::warn!(
-            %peer, map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
+            %peer, peer_ip = %peer.ip(), map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
             reason, client_close_notify = !no_close_notify, tls_version, cipher, kx,
             detail = detail.as_deref().unwrap_or(""),
             "connection closed"
