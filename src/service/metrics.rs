@@ -68,6 +68,12 @@ struct FrontendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    frontend: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClosedLabels {
     frontend: String,
     route: String,
@@ -183,6 +189,8 @@ pub struct AcmeMetrics {
 pub struct FrontendMetrics {
     /// Every accepted connection.
     pub accepted: Counter,
+    /// Connections closed at once because `--max-connections` were open.
+    pub refused_over_limit: Counter,
     /// Connections before (or without) a route: `route=""`.
     pub unrouted: RouteMetrics,
 }
@@ -192,6 +200,7 @@ impl FrontendMetrics {
     pub fn unregistered() -> FrontendMetrics {
         FrontendMetrics {
             accepted: Counter::default(),
+            refused_over_limit: Counter::default(),
             unrouted: RouteMetrics::unregistered(),
         }
     }
@@ -202,6 +211,7 @@ impl FrontendMetrics {
 pub struct Metrics {
     registry: Registry,
     accepted: Family<FrontendLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     opened: Family<RouteLabels, Counter>,
     open: Family<RouteLabels, Gauge>,
     closed: Family<ClosedLabels, Counter>,
@@ -222,6 +232,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("tcpfwd");
         let m = Metrics {
             accepted: Family::default(),
+            refused: Family::default(),
             opened: Family::default(),
             open: Family::default(),
             closed: Family::default(),
@@ -245,6 +256,11 @@ impl Metrics {
             "connections_accepted",
             "Connections accepted, per frontend",
             m.accepted.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at once, before any TLS, by why (over limit: --max-connections open)",
+            m.refused.clone(),
         );
         registry.register(
             "connections_opened",
@@ -342,6 +358,13 @@ impl Metrics {
                 .accepted
                 .get_or_create(&FrontendLabels {
                     frontend: frontend.to_string(),
+                })
+                .clone(),
+            refused_over_limit: self
+                .refused
+                .get_or_create(&RefusedLabels {
+                    frontend: frontend.to_string(),
+                    reason: "over limit".to_string(),
                 })
                 .clone(),
             unrouted: self.ending(frontend, ""),
