@@ -577,6 +577,42 @@ mod tests {
     }
 
     #[test]
+    fn handshake_failure_kinds() {
+        use std::io::{Error, ErrorKind};
+        let tls = |e: rustls::Error| Error::new(ErrorKind::InvalidData, e);
+        assert_eq!(failure_kind(&Error::from(ErrorKind::UnexpectedEof)), "eof");
+        assert_eq!(
+            failure_kind(&tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::UnknownCA
+            ))),
+            "alert_received"
+        );
+        assert_eq!(
+            failure_kind(&tls(rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::NoCipherSuitesInCommon
+            ))),
+            "peer_incompatible"
+        );
+        assert_eq!(
+            failure_kind(&Error::new(ErrorKind::InvalidData, "x")),
+            "not_tls"
+        );
+        assert_eq!(
+            failure_kind(&Error::from(ErrorKind::ConnectionReset)),
+            "other"
+        );
+        for k in [
+            "eof",
+            "alert_received",
+            "peer_incompatible",
+            "not_tls",
+            "other",
+        ] {
+            assert!(FAILURE_KINDS.contains(&k));
+        }
+    }
+
+    #[test]
     fn counters_are_shared_and_encoded() {
         let provider = tls::provider(false);
         let ss = tls::self_signed(&["a.example".into()], &provider).unwrap();
