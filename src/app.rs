@@ -16,6 +16,7 @@ use crate::net::sys;
 use crate::policy::Gate;
 use crate::proxy::forward::Context;
 use crate::proxy::routes::{FrontendHandle, RouteTable, TableBuilder};
+use crate::service::metrics::{self, Metrics};
 use crate::service::notify::Notifier;
 use crate::service::reload::{Hangups, Reloader, Reloads, Status};
 use crate::tls;
@@ -44,6 +45,8 @@ pub struct Served {
     pub frontends: Vec<Arc<FrontendHandle>>,
     /// The source lists, limits and bans (its numbers change on reload).
     pub gate: Arc<Gate>,
+    /// What the metrics endpoint shows; kept across reloads.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Served {
@@ -137,13 +140,18 @@ fn handles(config: &Config, tables: Vec<RouteTable>) -> Vec<Arc<FrontendHandle>>
         .collect()
 }
 
-/// The route tables of every frontend, certificates from `resolver`.
+/// The route tables of every frontend, certificates from `resolver`,
+/// counting into `metrics`.
 pub fn route_tables(
     config: &Config,
     provider: &Arc<CryptoProvider>,
     resolver: &Arc<tls::CertResolver>,
+    metrics: Option<&Arc<Metrics>>,
 ) -> anyhow::Result<Vec<RouteTable>> {
     let mut builder = TableBuilder::new(provider.clone(), resolver.clone());
+    if let Some(m) = metrics {
+        builder = builder.with_metrics(m.clone());
+    }
     config.frontends.iter().map(|f| builder.table(f)).collect()
 }
 
@@ -199,7 +207,8 @@ pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Res
         crate::clientca::ensure(&dir)?;
     }
     let resolver = tls::CertResolver::with_set(certs);
-    let tables = route_tables(&config, &provider, &resolver)?;
+    let metrics = Metrics::new(resolver.clone(), acme_task.as_ref().map(|t| t.metrics()));
+    let tables = route_tables(&config, &provider, &resolver, Some(&metrics))?;
     let frontends = handles(&config, tables);
     let gate = Gate::new(config.sources);
     tracing::debug!(sources = ?config.sources, "per-source limits");
@@ -235,6 +244,7 @@ pub fn prepare_with(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Res
             resolver,
             frontends,
             gate,
+            metrics,
         },
         acme: acme_task,
     })
@@ -261,7 +271,13 @@ pub async fn run_with(
     };
     let workers = config.workers;
     let activated = systemd.sockets.is_some();
+    let metrics_addr = config.metrics;
     let prepared = prepare_with(config, systemd.sockets)?;
+    // Bound before the server starts, so that a taken port ends start-up.
+    let metrics_listener = match metrics_addr {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let notifier = systemd.notifier;
     let server = Server::start(prepared.listeners, prepared.ctx.clone(), limits)
         .context("starting the worker threads")?;
@@ -284,6 +300,12 @@ pub async fn run_with(
             }),
         );
     }
+    let metrics_task = metrics_listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "serving metrics at /metrics");
+        }
+        tokio::spawn(metrics::serve(l, prepared.served.metrics.clone()))
+    });
     let reloads = Reloads {
         hangups,
         reloader: Reloader {
@@ -315,6 +337,9 @@ pub async fn run_with(
     server.run_until(shutdown).await;
     watchdog.abort();
     summaries.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     Ok(())
 }
 

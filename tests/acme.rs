@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    backends, msg, pattern, require_tool, run_to_exit, sha256, tls_connect, Tcpfwd, TempDir,
+    backends, msg, pattern, require_tool, run_to_exit, scrape_value, sha256, tls_connect, Tcpfwd,
+    TempDir,
 };
 use pebble::{
     accept_anything_config, fingerprint, free_port, Pebble, RateLimitedCa, Script, StandInCa,
@@ -170,8 +171,11 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
     // Not there yet: tcpfwd creates it, 0700.
     let state = tmp.join("state");
     let args = tcpfwd_args(&pebble, &state, backend);
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut with_metrics = args.clone();
+    with_metrics.extend(["--metrics".to_string(), metrics.to_string()]);
 
-    let fwd = start(&args);
+    let fwd = start(&with_metrics);
     // The placeholder is served at once, and the terms of service are named.
     assert!(fwd
         .events()
@@ -192,6 +196,24 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
     );
     for n in NAMES {
         assert!(ev["names"].as_str().unwrap().contains(n), "{ev}");
+    }
+    // The metrics say when it succeeded and when it renews.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let success = scrape_value(metrics, "tcpfwd_acme_last_success_timestamp_seconds");
+        let renewal = scrape_value(metrics, "tcpfwd_acme_next_renewal_timestamp_seconds");
+        if success.is_some_and(|t| t >= now - 120.0) && renewal.is_some_and(|t| t > now) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ACME metrics: last success {success:?}, next renewal {renewal:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     let root = pebble.dir.join("root.pem");

@@ -449,10 +449,19 @@ async fn connection_limit_refuses_new_ones_and_keeps_open_ones() {
     let pki = Pki::new();
     let echo = backends::echo().await;
     // All from 127.0.0.1: above the cap, so that the cap is what refuses.
+    let metrics = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let metrics_arg = metrics.to_string();
     let fwd = start(
         &pki,
         &[map_to(echo)],
-        &["--max-connections", "2", "--per-source-connections", "3"],
+        &[
+            "--max-connections",
+            "2",
+            "--per-source-connections",
+            "3",
+            "--metrics",
+            &metrics_arg,
+        ],
     );
     let cfg = pki.client_config();
     let mut held = Vec::new();
@@ -476,6 +485,15 @@ async fn connection_limit_refuses_new_ones_and_keeps_open_ones() {
     );
     fwd.wait_for_async(|e| msg(e).contains("--max-connections reached"), 1, T)
         .await;
+    let series = "tcpfwd_connections_refused_total{frontend=\"127.0.0.1:0\",reason=\"over limit\"}";
+    assert_eq!(common::scrape_value(metrics, series), Some(1.0));
+    assert_eq!(
+        common::scrape_value(
+            metrics,
+            "tcpfwd_connections_open{frontend=\"127.0.0.1:0\",route=\"default\"}"
+        ),
+        Some(2.0)
+    );
     // The open ones are untouched.
     for s in &mut held {
         s.write_all(b"b").await.unwrap();

@@ -270,6 +270,7 @@ struct Shared {
     http: Http,
     provider: Arc<CryptoProvider>,
     current: Current,
+    metrics: crate::service::metrics::AcmeMetrics,
 }
 
 /// Locks the state directory, loads a stored certificate if it is usable, and
@@ -331,6 +332,7 @@ pub fn prepare(
                 http,
                 provider: provider.clone(),
                 current,
+                metrics: Default::default(),
             },
             order_reason,
         },
@@ -600,6 +602,11 @@ impl Task {
         self.shared.current.clone()
     }
 
+    /// Its times for the metrics endpoint (shared: they move as the task works).
+    pub fn metrics(&self) -> crate::service::metrics::AcmeMetrics {
+        self.shared.metrics.clone()
+    }
+
     /// Starts the background task that orders and renews the certificate,
     /// under a supervisor: if it ever ends (a panic), it is logged at ERROR
     /// and started again with backoff, so renewals never stop silently.
@@ -657,6 +664,12 @@ impl Task {
             }
         });
     }
+}
+
+/// Seconds since the Unix epoch (0 before it), for the metrics.
+fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// What to do after a look at the schedule.
@@ -727,6 +740,11 @@ impl Manager {
                 )),
             };
             changes.mark_unchanged();
+            let attempt_time = unix_seconds(SystemTime::now());
+            match &result {
+                Ok(()) => self.shared.metrics.last_success.set(attempt_time),
+                Err(_) => self.shared.metrics.last_failure.set(attempt_time),
+            };
             match result {
                 Ok(()) => {
                     backoff.reset();
@@ -886,6 +904,7 @@ impl Manager {
         match at.duration_since(now) {
             Err(_) => Next::Order(format!("renewal due by {rule}")),
             Ok(wait) => {
+                self.shared.metrics.next_renewal.set(unix_seconds(at));
                 if self.logged_renewal != Some(at) {
                     self.logged_renewal = Some(at);
                     tracing::info!(

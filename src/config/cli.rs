@@ -277,6 +277,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (plain HTTP, no
+    /// authentication: keep it on loopback or a private network). [default: off]
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+
     /// Get the certificate from an ACME CA (Let's Encrypt by default) for this
     /// DNS name, proven over TLS-ALPN-01 on tcpfwd's own port (repeatable; all
     /// names, and every route's, go on one certificate). Using it means
@@ -498,6 +503,7 @@ impl RunArgs {
             source_prefix_v4: self.source_prefix_v4,
             source_prefix_v6: self.source_prefix_v6,
             refusal_log_interval: self.refusal_log_interval,
+            metrics: self.metrics,
             file: None,
         })
     }

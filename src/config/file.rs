@@ -180,6 +180,7 @@ const TABLES: &[(&str, &[&str])] = &[
             "max_ban_time",
             "source_prefix_v4",
             "source_prefix_v6",
+            "metrics",
             "self_signed_names",
             "state_dir",
             "cert",
@@ -368,6 +369,7 @@ with_route_settings! {
         max_ban_time: Option<Spanned<String>>,
         source_prefix_v4: Option<Spanned<i64>>,
         source_prefix_v6: Option<Spanned<i64>>,
+        metrics: Option<Spanned<String>>,
         self_signed_names: Option<Vec<Spanned<String>>>,
         state_dir: Option<Spanned<String>>,
         cert: Option<Vec<CertDoc>>,
@@ -688,6 +690,18 @@ impl TopDoc {
                 .map(|v| prefix(src, "source_prefix_v6", v, 16, 128))
                 .transpose()?,
             refusal_log_interval: None,
+            metrics: self
+                .metrics
+                .as_ref()
+                .map(|v| {
+                    v.get_ref().parse().map_err(|_| {
+                        src.error(
+                            &v.span(),
+                            "`metrics`: expected ADDR:PORT, such as \"127.0.0.1:9100\" or \"[::1]:9100\"",
+                        )
+                    })
+                })
+                .transpose()?,
             file: Some(src.path.to_path_buf()),
         })
     }
@@ -934,6 +948,7 @@ listen = "[::1]:7682"
             threads: Some(2),
             log_level: Some("debug".into()),
             log_format: Some(LogFormat::Json),
+            metrics: None,
             file: Some(path().to_path_buf()),
             ..Layer::default()
         };
@@ -1064,6 +1079,18 @@ client_auth = "off"
             1,
             15,
             &["both choose the CA"],
+        );
+    }
+
+    #[test]
+    fn metrics_address() {
+        let l = parse("metrics = \"[::1]:9100\"\n", path()).unwrap();
+        assert_eq!(l.metrics, Some("[::1]:9100".parse().unwrap()));
+        fails(
+            "metrics = \"localhost\"\n",
+            1,
+            11,
+            &["`metrics`: expected ADDR:PORT"],
         );
     }
 

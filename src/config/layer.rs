@@ -176,6 +176,8 @@ pub struct Layer {
     pub source_prefix_v6: Option<u8>,
     /// How often refused connections are summed up in the log.
     pub refusal_log_interval: Option<Duration>,
+    /// Metrics endpoint.
+    pub metrics: Option<std::net::SocketAddr>,
     /// The file, for the file's layer.
     pub file: Option<PathBuf>,
 }
@@ -293,11 +295,9 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
                 .clone()
                 .or_else(|| file.log_level.clone())
                 .unwrap_or_else(|| "info".into()),
-            format: cli
-                .log_format
-                .or(file.log_format)
-                .unwrap_or(LogFormat::Text),
+            format: cli.log_format.or(file.log_format),
         },
+        metrics: cli.metrics.or(file.metrics),
         file: file.file.clone(),
         sources,
     })

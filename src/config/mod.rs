@@ -39,6 +39,8 @@ pub struct Config {
     pub workers: usize,
     /// Log level and format.
     pub log: Logging,
+    /// Where to serve Prometheus metrics (`/metrics`); none by default.
+    pub metrics: Option<std::net::SocketAddr>,
     /// The file this came from, re-read on SIGHUP.
     pub file: Option<PathBuf>,
     /// Per-source limits, bans and the refusal summary, for every connection.
@@ -282,8 +284,9 @@ impl FromStr for LogFormat {
 pub struct Logging {
     /// A level, or `TARGET=LEVEL` pairs; `RUST_LOG` wins over it.
     pub level: String,
-    /// Text or JSON lines.
-    pub format: LogFormat,
+    /// Text or JSON lines, when chosen. Not chosen: the journal's native
+    /// fields when standard error is the journal (under systemd), else text.
+    pub format: Option<LogFormat>,
 }
 
 /// A certificate chain and its key, as PEM files.

@@ -441,6 +441,7 @@ async fn accept_loop(l: Listener, shared: Shared, signals: LoopSignals) {
             }
             Err(_) => {
                 drop(tcp);
+                l.frontend.metrics.refused_over_limit.inc();
                 refused += 1;
                 if refused_logged.elapsed() >= Duration::from_secs(1) {
                     tracing::warn!(

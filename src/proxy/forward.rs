@@ -153,6 +153,9 @@ pub async fn serve(
     let started = Instant::now();
     let stats = Stats::new();
     let mut seen = Seen::default();
+    let counters = &frontend.metrics;
+    counters.accepted.inc();
+    counters.unrouted.open.inc();
     let end = tokio::select! {
         end = run(tcp, peer, &frontend, &ctx, &stats, &mut seen) => end,
         _ = stop.wait_for(|s| *s) => End::Shutdown,
@@ -174,6 +177,17 @@ pub async fn serve(
     let detail = end.detail().or_else(|| stats.error_text());
     let no_close_notify = stats.client_skipped_close_notify();
     let reason = end.reason();
+    let route_counters = seen
+        .route
+        .as_ref()
+        .map_or(&counters.unrouted, |r| &*r.metrics);
+    route_counters.open.dec();
+    route_counters.closed(reason, up, down);
+    match &end {
+        End::HandshakeTimeout => route_counters.handshake_failed(None),
+        End::HandshakeFailed(e) => route_counters.handshake_failed(Some(e)),
+        _ => {}
+    }
     let sni = seen.sni.as_deref().unwrap_or("");
     let (map, route, backend) = match &seen.route {
         Some(r) => (r.map.clone(), r.label.as_str(), r.route.backend.to_string()),
@@ -209,14 +223,14 @@ pub async fn serve(
         | End::ClientCertRejected(_)
         | End::Revoked
         | End::HandshakeTimeout => tracing::info!(
-            %peer, map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
+            %peer, peer_ip = %peer.ip(), map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
             reason, client_close_notify = !no_close_notify, tls_version, cipher, kx,
             client_cn, client_serial,
             detail = detail.as_deref().unwrap_or(""),
             "connection closed"
         ),
         _ => tracing::warn!(
-            %peer, map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
+            %peer, peer_ip = %peer.ip(), map, route, sni, backend, backend_addr, bytes_up = up, bytes_down = down, duration_ms = ms,
             reason, client_close_notify = !no_close_notify, tls_version, cipher, kx,
             client_cn, client_serial,
             detail = detail.as_deref().unwrap_or(""),
@@ -288,6 +302,11 @@ async fn run(
             }
         }
         seen.route = route.clone();
+        if let Some(r) = &route {
+            r.metrics.opened.inc();
+            r.metrics.open.inc();
+            frontend.metrics.unrouted.open.dec();
+        }
         // The route's handshake limit counts from the accept, the hello included.
         let limit = route
             .as_ref()
@@ -296,7 +315,12 @@ async fn run(
             Err(_) => Err(End::HandshakeTimeout),
             Ok(Err(e)) if client_cert_error(&e) => Err(End::ClientCertRejected(e)),
             Ok(Err(e)) => Err(End::HandshakeFailed(e)),
-            Ok(Ok(stream)) => Ok((Box::new(stream), route)),
+            Ok(Ok(stream)) => {
+                if let Some(r) = &route {
+                    r.metrics.handshake_done(started.elapsed());
+                }
+                Ok((Box::new(stream), route))
+            }
         }
     });
     let (mut client, route) = match handshake.await {
@@ -388,4 +412,38 @@ async fn run(
         .await;
     }
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_counter() {
+        let ends = [
+            End::Closed(Side::Client),
+            End::Closed(Side::Backend),
+            End::HandshakeTimeout,
+            End::HandshakeFailed(io::Error::other("x")),
+            End::ClientCertRejected(io::Error::other("x")),
+            End::Revoked,
+            End::AcmeChallenge,
+            End::NoRoute,
+            End::ConnectTimeout,
+            End::BackendUnreachable(String::new()),
+            End::Expired(Expired::Idle),
+            End::Expired(Expired::Close),
+            End::Failed(String::new()),
+            End::Shutdown,
+            End::Refused,
+        ];
+        for e in ends {
+            let r = e.reason();
+            assert!(
+                crate::service::metrics::REASONS[..crate::service::metrics::REASONS.len() - 1]
+                    .contains(&r),
+                "reason {r:?} is missing from metrics::REASONS"
+            );
+        }
+    }
 }

@@ -15,6 +15,7 @@ use rustls::server::ServerConfig;
 
 use crate::config::{ClientAuth, Frontend, Listen, Route, SniName};
 use crate::policy::{self, AccessList};
+use crate::service::metrics::{FrontendMetrics, Metrics, RouteMetrics};
 use crate::tls::{self, CertResolver};
 
 /// A route as connections use it: its settings and its TLS configuration.
@@ -30,6 +31,8 @@ pub struct ActiveRoute {
     pub tls: Arc<ServerConfig>,
     /// Tells its per-source counts from other routes' (same across reloads).
     pub scope: u32,
+    /// Its counters, labelled once here rather than per connection.
+    pub metrics: Arc<RouteMetrics>,
 }
 
 /// One frontend's routes, indexed by server name.
@@ -46,6 +49,8 @@ pub struct RouteTable {
     pub describe: String,
     /// The frontend's allow/deny lists, checked right after accept.
     pub access: AccessList,
+    /// The frontend's counters, for connections before or without a route.
+    pub metrics: Arc<FrontendMetrics>,
 }
 
 impl RouteTable {
@@ -80,6 +85,8 @@ impl RouteTable {
 pub struct FrontendHandle {
     /// Where it listens; fixed for its life.
     pub listen: Listen,
+    /// Its counters (labelled by `listen`, so every table of it has the same).
+    pub metrics: Arc<FrontendMetrics>,
     table: ArcSwap<RouteTable>,
 }
 
@@ -88,6 +95,7 @@ impl FrontendHandle {
     pub fn new(listen: Listen, table: RouteTable) -> Arc<FrontendHandle> {
         Arc::new(FrontendHandle {
             listen,
+            metrics: table.metrics.clone(),
             table: ArcSwap::from_pointee(table),
         })
     }
@@ -112,6 +120,7 @@ pub struct TableBuilder {
     configs: Vec<ConfigKey>,
     /// `tcpfwd check`: a family CA not made yet is no error (the start makes it).
     check_only: bool,
+    metrics: Option<Arc<Metrics>>,
 }
 
 type ConfigKey = (Vec<Vec<u8>>, Option<ClientAuth>, Arc<ServerConfig>);
@@ -124,7 +133,14 @@ impl TableBuilder {
             resolver,
             configs: Vec::new(),
             check_only: false,
+            metrics: None,
         }
+    }
+
+    /// Routes will count into `metrics` (without, into counters nobody reads).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> TableBuilder {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// For `tcpfwd check`: a family CA that does not exist yet is skipped.
@@ -162,6 +178,7 @@ impl TableBuilder {
 
     /// The table for `frontend` (whose routes the configuration checked).
     pub fn table(&mut self, frontend: &Frontend) -> anyhow::Result<RouteTable> {
+        let frontend_label = frontend.listen.to_string();
         let mut t = RouteTable {
             routes: Vec::with_capacity(frontend.routes.len()),
             exact: HashMap::new(),
@@ -170,6 +187,10 @@ impl TableBuilder {
             hello_timeout: Duration::ZERO,
             describe: describe(frontend),
             access: frontend.access.clone(),
+            metrics: Arc::new(match &self.metrics {
+                Some(m) => m.frontend(&frontend_label),
+                None => FrontendMetrics::unregistered(),
+            }),
         };
         for (i, r) in frontend.routes.iter().enumerate() {
             for n in &r.names {
@@ -182,8 +203,14 @@ impl TableBuilder {
                 t.default = Some(i);
             }
             t.hello_timeout = t.hello_timeout.max(r.timeouts.handshake);
+            let label = r.label();
+            let metrics = Arc::new(match &self.metrics {
+                Some(m) => m.route(&frontend_label, &label),
+                None => RouteMetrics::unregistered(),
+            });
             t.routes.push(Arc::new(ActiveRoute {
-                label: r.label(),
+                metrics,
+                label,
                 map: r.map_text(&frontend.listen),
                 scope: policy::route_scope(&r.map_text(&frontend.listen)),
                 tls: self.server_config(&r.alpn, &r.client_auth)?,

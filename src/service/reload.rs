@@ -131,6 +131,11 @@ impl Reloader {
     pub async fn apply(&mut self, new: Config) -> anyhow::Result<Outcome> {
         let from_file = new.file.is_some();
         self.check_unchanged(&new)?;
+        if new.metrics != self.served.config.metrics {
+            tracing::warn!(
+                "the metrics address changed; the endpoint stays where it is until a restart"
+            );
+        }
         let certs = self.certificates(&new)?;
         if !from_file && certs.is_none() {
             return Ok(Outcome::Nothing(
@@ -145,7 +150,12 @@ impl Reloader {
         // Build everything, and bind the added frontends, before swapping
         // anything in.
         let resolver = &self.served.resolver;
-        let tables = app::route_tables(&new, &self.served.provider, resolver)?;
+        let tables = app::route_tables(
+            &new,
+            &self.served.provider,
+            resolver,
+            Some(&self.served.metrics),
+        )?;
         let plan = self.plan(&new, tables)?;
         let sha256 = certs.as_ref().map(|set| {
             set.first()
@@ -244,6 +254,7 @@ impl Reloader {
             &self.served.config,
             &self.served.provider,
             &self.served.resolver,
+            Some(&self.served.metrics),
         )
         .context("the CRL changed but does not load; new handshakes still get the previous one")?;
         for (handle, table) in self.served.frontends.iter().zip(tables) {
@@ -547,11 +558,13 @@ impl Reloads {
                         tracing::info!(%sha256, "certificate reloaded; new handshakes get it");
                     }
                     self.status.set_reload_error(None);
+                    self.reloader.served.metrics.reloads.inc();
                 }
                 Ok(Outcome::Nothing(why)) => tracing::info!("nothing to reload: {why}"),
                 Err(e) => {
                     tracing::error!("reload failed, still serving the previous configuration and certificate: {e:#}");
                     self.status.set_reload_error(Some(format!("{e:#}")));
+                    self.reloader.served.metrics.reload_failures.inc();
                 }
             }
             if let Err(e) = self.reloader.check_crls(true) {

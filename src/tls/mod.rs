@@ -52,6 +52,9 @@ pub fn prefer_chacha(pref: CipherPreference) -> bool {
     }
 }
 
+/// The crypto provider's name, for the build-info metric.
+pub const PROVIDER_NAME: &str = "ring";
+
 /// The ring provider with its cipher suites in the server's order of preference.
 ///
 /// TLS 1.3 suites come before TLS 1.2 ones; within each version AES-128-GCM

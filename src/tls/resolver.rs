@@ -79,6 +79,11 @@ impl CertSet {
         &self.certs[0].0
     }
 
+    /// Every certificate, the first first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<CertifiedKey>> {
+        self.certs.iter().map(|(k, _)| k)
+    }
+
     /// How many certificates.
     pub fn len(&self) -> usize {
         self.certs.len()

@@ -412,3 +412,17 @@ pub fn require_tool(name: &str) {
         "{name} is not installed: run scripts/test, which installs what the tests need"
     );
 }
+
+/// The value of the sample `series` (a name, with its labels if it has any,
+/// as written in the text) on tcpfwd's metrics endpoint at `addr`, if present.
+pub fn scrape_value(addr: SocketAddr, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
