@@ -90,3 +90,25 @@ free_port() {
     done
     die "no free port found"
 }
+
+# debian_mirror: the first archive URL apt uses for the suite bookworm
+# (one-line .list entries and deb822 .sources paragraphs).
+debian_mirror() {
+    local f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] || continue
+        awk '$1 == "deb" { i = 2; if ($i ~ /^\[/) while ($i !~ /\]$/) i++; if ($i ~ /^\[/ || $i ~ /\]$/) i++;
+                           if ($(i + 1) == "bookworm") { print $i; exit } }' "$f"
+    done
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        awk 'BEGIN { RS = ""; FS = "\n" }
+             { uri = ""; ok = 0; deb = 1
+               for (j = 1; j <= NF; j++) {
+                   if ($j ~ /^URIs:/) { split($j, a, /[ \t]+/); uri = a[2] }
+                   if ($j ~ /^Suites:/ && (" " $j " ") ~ /[ \t]bookworm[ \t]/) ok = 1
+                   if ($j ~ /^Types:/ && $j !~ /[ \t]deb([ \t]|$)/) deb = 0
+                   if ($j ~ /^Enabled: *no/) deb = 0 }
+               if (ok && deb && uri != "") { print uri; exit } }' "$f"
+    done | sed -n 1p
+}

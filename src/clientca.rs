@@ -12,12 +12,12 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
     RevocationReason, RevokedCertParams, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
-use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -499,7 +499,8 @@ pub fn pkcs12(
     }
     let cert = Certificate::from_der(cert_der).context("PKCS#12: reading the certificate")?;
     let key = PrivateKey::from_der(key_der).context("PKCS#12: reading the key")?;
-    let local_key_id = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, cert_der);
+    let local_key_id =
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, cert_der);
     let chain = PrivateKeyChain::new(local_key_id.as_ref(), key, [cert]);
     let mut store = KeyStore::new();
     store.add_entry(name, KeyStoreEntry::PrivateKeyChain(chain));

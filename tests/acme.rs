@@ -947,7 +947,7 @@ fn pair_leaf(path: &Path) -> Option<String> {
     assert!(!chain.is_empty(), "{}: no certificate", path.display());
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&bytes)
         .unwrap_or_else(|e| panic!("{}: no key ({e})", path.display()));
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
     let leaf = fingerprint(chain[0].as_ref());
     rustls::sign::CertifiedKey::from_der(chain, key, &provider)
         .unwrap_or_else(|e| panic!("{}: key and certificate do not match ({e})", path.display()));

@@ -383,7 +383,7 @@ fn client_with_cert(pem: &Path) -> Arc<rustls::ClientConfig> {
                 m,
                 c,
                 d,
-                &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+                &rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms,
             )
         }
         fn verify_tls13_signature(
@@ -396,18 +396,18 @@ fn client_with_cert(pem: &Path) -> Arc<rustls::ClientConfig> {
                 m,
                 c,
                 d,
-                &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+                &rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms,
             )
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            rustls::crypto::ring::default_provider()
+            rustls::crypto::aws_lc_rs::default_provider()
                 .signature_verification_algorithms
                 .supported_schemes()
         }
     }
     Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()

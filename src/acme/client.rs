@@ -1,4 +1,4 @@
-//! The HTTPS client for the ACME CA: HTTP/1.1 over rustls (ring), one
+//! The HTTPS client for the ACME CA: HTTP/1.1 over rustls (aws-lc-rs), one
 //! connection per request, remembering the last failed request for the log.
 
 use std::future::Future;

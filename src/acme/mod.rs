@@ -179,10 +179,10 @@ impl Backoff {
 
 /// A uniformly random number in [0, 1).
 fn random() -> f64 {
-    use ring::rand::SecureRandom as _;
+    use aws_lc_rs::rand::SecureRandom as _;
     let mut b = [0u8; 8];
     // SystemRandom fails only without an OS random source; 0.5 is a fine jitter then.
-    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+    if aws_lc_rs::rand::SystemRandom::new().fill(&mut b).is_err() {
         return 0.5;
     }
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64

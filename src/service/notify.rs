@@ -289,7 +289,7 @@ mod tests {
     fn certified(der: Vec<u8>) -> CertifiedKey {
         let key = rcgen::KeyPair::generate().unwrap();
         let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let key = rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
+        let key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).unwrap();
         CertifiedKey::new(vec![der.into()], key)
     }
 

@@ -122,7 +122,7 @@ pub fn self_signed(extra: &[String], provider: &CryptoProvider) -> anyhow::Resul
 
 /// SHA-256 of a DER certificate as `AB:CD:...`, the form browsers show.
 pub fn sha256_fingerprint(der: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
     digest
         .as_ref()
         .iter()

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{CryptoProvider, SupportedKxGroup};
 use rustls::server::ServerConfig;
 
 use crate::config::CipherPreference;
@@ -53,14 +53,24 @@ pub fn prefer_chacha(pref: CipherPreference) -> bool {
 }
 
 /// The crypto provider's name, for the build-info metric.
-pub const PROVIDER_NAME: &str = "ring";
+pub const PROVIDER_NAME: &str = "aws-lc-rs";
 
-/// The ring provider with its cipher suites in the server's order of preference.
+/// Key-exchange groups: the post-quantum hybrid first, then the classical
+/// groups for clients that do not offer it (never post-quantum only). As a
+/// server rustls takes the first of the client's groups it supports, so the
+/// order here is what the ACME client offers.
+pub fn kx_groups() -> Vec<&'static dyn SupportedKxGroup> {
+    use rustls::crypto::aws_lc_rs::kx_group as kx;
+    vec![kx::X25519MLKEM768, kx::X25519, kx::SECP256R1, kx::SECP384R1]
+}
+
+/// The aws-lc-rs provider with its cipher suites in the server's order of
+/// preference and [`kx_groups`].
 ///
 /// TLS 1.3 suites come before TLS 1.2 ones; within each version AES-128-GCM
 /// (or ChaCha20-Poly1305, when preferred) leads.
 pub fn provider(chacha_first: bool) -> CryptoProvider {
-    use rustls::crypto::ring::cipher_suite as cs;
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
     let aes = [cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_AES_256_GCM_SHA384];
     let chacha = [cs::TLS13_CHACHA20_POLY1305_SHA256];
     let aes12 = [
@@ -87,7 +97,8 @@ pub fn provider(chacha_first: bool) -> CryptoProvider {
     }
     CryptoProvider {
         cipher_suites: suites,
-        ..rustls::crypto::ring::default_provider()
+        kx_groups: kx_groups(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
     }
 }
 
@@ -140,5 +151,18 @@ mod tests {
         assert_eq!(names(false)[0], "TLS13_AES_128_GCM_SHA256");
         assert_eq!(names(true)[0], "TLS13_CHACHA20_POLY1305_SHA256");
         assert_eq!(names(true).len(), names(false).len());
+    }
+
+    #[test]
+    fn post_quantum_first_classical_kept() {
+        let groups = provider(false)
+            .kx_groups
+            .iter()
+            .map(|g| format!("{:?}", g.name()))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            groups,
+            ["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"]
+        );
     }
 }

@@ -231,8 +231,8 @@ pub async fn ws_read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Resul
 
 /// Sec-WebSocket-Accept for a client key (RFC 6455).
 pub fn ws_accept(key: &str) -> String {
-    let d = ring::digest::digest(
-        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+    let d = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
         format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
     );
     base64(d.as_ref())

@@ -117,7 +117,7 @@ impl Pki {
         roots.add(self.ca_der.clone()).unwrap();
         Arc::new(
             rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
+                rustls::crypto::aws_lc_rs::default_provider(),
             ))
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -355,7 +355,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// SHA-256 of `data` as hex.
 pub fn sha256(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data)
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -313,7 +313,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
 
 /// A TLS client configuration that accepts whatever certificate the server shows.
 pub fn accept_anything_config() -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     Arc::new(
         rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -326,7 +326,7 @@ pub fn accept_anything_config() -> Arc<rustls::ClientConfig> {
 
 /// SHA-256 of a certificate as `AB:CD:...`, the form tcpfwd logs.
 pub fn fingerprint(der: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, der)
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
         .as_ref()
         .iter()
         .map(|b| format!("{b:02X}"))
@@ -403,7 +403,7 @@ impl StandInCa {
             .unwrap();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&pki.key).unwrap();
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
