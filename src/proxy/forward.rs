@@ -189,15 +189,18 @@ pub async fn serve(
         _ => {}
     }
     let sni = seen.sni.as_deref().unwrap_or("");
+    // Borrowed from the route, which made them once; only a connection
+    // without a route names its frontend anew.
+    let unrouted;
     let (map, route, backend) = match &seen.route {
-        Some(r) => (r.map.clone(), r.label.as_str(), r.route.backend.to_string()),
-        None => (
-            seen.frontend
+        Some(r) => (r.map.as_str(), r.label.as_str(), r.backend.as_str()),
+        None => {
+            unrouted = seen
+                .frontend
                 .take()
-                .unwrap_or_else(|| frontend.table().describe.clone()),
-            "",
-            String::new(),
-        ),
+                .unwrap_or_else(|| frontend.table().describe.clone());
+            (unrouted.as_str(), "", "")
+        }
     };
     let tls_version = seen.tls_version.and_then(conn::version_name).unwrap_or("");
     let cipher = seen.cipher.and_then(conn::iana_name).unwrap_or_default();

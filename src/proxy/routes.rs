@@ -27,6 +27,8 @@ pub struct ActiveRoute {
     pub label: String,
     /// The route in the `--map` form, for logs.
     pub map: String,
+    /// Its backend as written, for logs (made once here, not per connection).
+    pub backend: String,
     /// The server configuration for its handshakes.
     pub tls: Arc<ServerConfig>,
     /// Tells its per-source counts from other routes' (same across reloads).
@@ -60,9 +62,17 @@ impl RouteTable {
         let idx = match sni {
             None => self.default,
             Some(name) => {
-                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                // Browsers send lower case: copy only a name that is not.
+                let name = name.trim_end_matches('.');
+                let lower;
+                let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                    lower = name.to_ascii_lowercase();
+                    lower.as_str()
+                } else {
+                    name
+                };
                 self.exact
-                    .get(&name)
+                    .get(name)
                     .or_else(|| {
                         let (_, parent) = name.split_once('.')?;
                         self.wildcard.get(parent)
@@ -212,6 +222,7 @@ impl TableBuilder {
                 metrics,
                 label,
                 map: r.map_text(&frontend.listen),
+                backend: r.backend.to_string(),
                 scope: policy::route_scope(&r.map_text(&frontend.listen)),
                 tls: self.server_config(&r.alpn, &r.client_auth)?,
                 route: r.clone(),
