@@ -218,12 +218,13 @@ impl TableBuilder {
                 Some(m) => m.route(&frontend_label, &label),
                 None => RouteMetrics::unregistered(),
             });
+            let map = r.map_text(&frontend.listen);
             t.routes.push(Arc::new(ActiveRoute {
                 metrics,
                 label,
-                map: r.map_text(&frontend.listen),
+                scope: policy::route_scope(&map),
+                map,
                 backend: r.backend.to_string(),
-                scope: policy::route_scope(&r.map_text(&frontend.listen)),
                 tls: self.server_config(&r.alpn, &r.client_auth)?,
                 route: r.clone(),
             }));
