@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use super::layer::{AcmeLayer, ClientAuthSpec, FrontendSpec, Layer, RouteSettings, RouteSpec};
+use super::layer::{
+    AcmeLayer, ClientAuthSpec, FrontendSpec, Layer, RouteRef, RouteSettings, RouteSpec,
+};
 use super::{CertPair, Duration, MapSpec, Origin, ProxyProtocol, Secret};
 use crate::policy::Cidr;
 
@@ -392,6 +394,31 @@ pub struct RunArgs {
     /// (`tcpfwd client-cert new NAME`) on every --map; `off`: none.
     #[arg(long, value_enum, value_name = "WHICH")]
     pub client_auth: Option<ClientAuthArg>,
+
+    /// The --map on ROUTE (LISTEN, or LISTEN:NAME for a route by server
+    /// name, like 443) checks the client certificates; every other --map asks
+    /// for none and admits only source addresses (an IPv4 address, an IPv6
+    /// /64) that passed it within --admit-window, refusing the rest before
+    /// the handshake. For a page whose WebSockets go to another port:
+    /// browsers send no client certificate on WebSockets.
+    #[arg(long, value_name = "ROUTE", value_parser = admit_after_arg)]
+    pub admit_after: Option<RouteRef>,
+
+    /// How long a verified handshake on the --admit-after route admits its
+    /// source; each one starts it again. [default: 12h]
+    #[arg(long, value_name = "DURATION", requires = "admit_after")]
+    pub admit_window: Option<Duration>,
+}
+
+/// `--admit-after ROUTE`, its form checked; the route is found in the merge.
+fn admit_after_arg(text: &str) -> Result<RouteRef, String> {
+    let (listen, name) = super::map::parse_route_ref(text)?;
+    Ok(RouteRef {
+        text: text.to_owned(),
+        listen,
+        name,
+        said: format!("--admit-after '{text}'"),
+    })
 }
 
 /// `--client-auth`.
@@ -469,6 +496,8 @@ impl RunArgs {
                 per_source_connections: self.per_source_connections,
                 per_source_rate: self.per_source_rate,
                 client_auth,
+                admit_after: self.admit_after.clone().map(Some),
+                admit_window: self.admit_window,
             },
             certs: self
                 .cert
