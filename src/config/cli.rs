@@ -56,6 +56,19 @@ CERTIFICATES:
   localhost, this host's name and every --self-signed-name, and logs its
   SHA-256 fingerprint so that you can check it in your browser.
 
+CLIENT CERTIFICATES:
+  --client-auth family asks every --map for a certificate from tcpfwd's own
+  family CA (make one per device with: tcpfwd client-cert new NAME; revoke a
+  lost one with: tcpfwd client-cert revoke NAME). Browsers send none on
+  WebSockets, so for a page whose video WebSocket is on another port, name
+  the page's map with --admit-after: every other map then asks for none and
+  admits only source addresses that passed it within --admit-window (12h),
+  refusing the rest before the handshake. Everyone behind the same public
+  address (carrier-grade NAT, a cafe's Wi-Fi) is admitted once one family
+  device passes; without --admit-after every port needs the certificate.
+    tcpfwd --map 443:dvr.lan:80 --map 7682:dvr.lan:7681 \\
+           --client-auth family --admit-after 443
+
 ACME:
   --acme-domain asks an ACME CA (Let's Encrypt unless --acme-directory or
   --acme-staging says otherwise) for a certificate, proving each name over
@@ -645,6 +658,27 @@ mod tests {
                 crl: None
             })));
         assert!(build(&[]).routes().all(|(_, r)| r.client_auth.is_none()));
+        // The founding case: certificates on 443, its WebSocket port admitted after it.
+        let c = build(&[
+            "--client-auth",
+            "family",
+            "--admit-after",
+            "443",
+            "--admit-window",
+            "1h",
+        ]);
+        let (page, ws) = (&c.frontends[0].routes[0], &c.frontends[1].routes[0]);
+        assert!(page.client_auth.is_some() && page.admit_after.is_none());
+        assert!(ws.client_auth.is_none());
+        let a = ws.admit_after.as_ref().unwrap();
+        assert_eq!(Some(a.scope), page.admission);
+        assert_eq!(a.window, std::time::Duration::from_secs(3600));
+        let e = Cli::try_parse_from(["tcpfwd", "--map", "443:a:80", "--admit-after", "a..b"])
+            .unwrap_err();
+        assert!(e.to_string().contains("'a..b' is not a route"), "{e}");
+        let e = Cli::try_parse_from(["tcpfwd", "--map", "443:a:80", "--admit-window", "1h"])
+            .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
         let e = Cli::try_parse_from([
             "tcpfwd",
             "--map",

@@ -534,12 +534,8 @@ fn client_auth(
 /// is checked with every frontend at hand (`layer::build`), with this place.
 fn route_ref(src: &Source, v: &Spanned<String>) -> Result<RouteRef, String> {
     let text = v.get_ref();
-    let (listen, name) = parse_route_ref(text).map_err(|why| {
-        src.error(
-            &v.span(),
-            format!("`admit_after`: {why}, or \"off\""),
-        )
-    })?;
+    let (listen, name) = parse_route_ref(text)
+        .map_err(|why| src.error(&v.span(), format!("`admit_after`: {why}, or \"off\"")))?;
     let (line, column) = src.position(v.span().start);
     Ok(RouteRef {
         text: text.clone(),

@@ -16,8 +16,8 @@
 
 use std::path::PathBuf;
 
-use super::map::{parse_route_name, valid_hostname};
 use super::map::ROUTE_REF_FORM;
+use super::map::{parse_route_name, valid_hostname};
 use super::{
     AcmeConfig, AdmitAfter, Backend, CertPair, CertSource, CipherPreference, ClientAuth, Config,
     Duration, Eab, Frontend, HmacKey, Listen, LogFormat, Logging, Origin, ProxyProtocol, Route,
@@ -970,7 +970,10 @@ mod tests {
         // Errors quote the reference and say where it was.
         for (text, want) in [
             ("444", "--admit-after '444': no frontend listens on 444"),
-            ("443:cams.example.org", "frontend 443 has no route cams.example.org"),
+            (
+                "443:cams.example.org",
+                "frontend 443 has no route cams.example.org",
+            ),
         ] {
             cli.defaults.admit_after = Some(Some(reference(text)));
             let e = build(None, cli.clone()).unwrap_err();
@@ -988,7 +991,10 @@ mod tests {
         cli.defaults.client_auth = Some(Some(ClientAuthSpec::Family));
         cli.frontends[2].routes[0].settings.client_auth = Some(Some(ClientAuthSpec::Family));
         let e = build(None, cli).unwrap_err();
-        assert!(e.contains("also asks for client certificates itself"), "{e}");
+        assert!(
+            e.contains("also asks for client certificates itself"),
+            "{e}"
+        );
     }
 
     #[test]
