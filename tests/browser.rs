@@ -259,7 +259,7 @@ fn drive(
     // Revoke; once the CRL is loaded, the page's next WebSocket fails.
     let out = Command::new(common::BIN)
         .args(["client-cert", "revoke", "anna-phone", "--state-dir"])
-        .arg(&state)
+        .arg(state)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
