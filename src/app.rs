@@ -411,6 +411,13 @@ pub fn check(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Result<Vec
                 if let Some(a) = &r.route.client_auth {
                     s.push_str(&format!(" (client certificates: {a})"));
                 }
+                if let Some(a) = &r.route.admit_after {
+                    s.push_str(&format!(
+                        " (admits sources that passed {} within {})",
+                        a.route,
+                        crate::config::Duration(a.window)
+                    ));
+                }
                 s
             })
             .collect();

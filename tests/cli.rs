@@ -30,6 +30,8 @@ fn version_and_help() {
         "--map 443:dvr.lan:80 --map 7682:dvr.lan:7681",
         "--cert",
         "--max-connections",
+        "--client-auth family --admit-after 443",
+        "--admit-window",
         "EXIT STATUS",
     ] {
         assert!(out.contains(want), "--help lacks {want:?}:\n{out}");

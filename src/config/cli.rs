@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use super::layer::{AcmeLayer, ClientAuthSpec, FrontendSpec, Layer, RouteSettings, RouteSpec};
+use super::layer::{
+    AcmeLayer, ClientAuthSpec, FrontendSpec, Layer, RouteRef, RouteSettings, RouteSpec,
+};
 use super::{CertPair, Duration, MapSpec, Origin, ProxyProtocol, Secret};
 use crate::policy::Cidr;
 
@@ -53,6 +55,19 @@ CERTIFICATES:
   Ed25519). Without them tcpfwd makes a self-signed certificate in memory for
   localhost, this host's name and every --self-signed-name, and logs its
   SHA-256 fingerprint so that you can check it in your browser.
+
+CLIENT CERTIFICATES:
+  --client-auth family asks every --map for a certificate from tcpfwd's own
+  family CA (make one per device with: tcpfwd client-cert new NAME; revoke a
+  lost one with: tcpfwd client-cert revoke NAME). Browsers send none on
+  WebSockets, so for a page whose video WebSocket is on another port, name
+  the page's map with --admit-after: every other map then asks for none and
+  admits only source addresses that passed it within --admit-window (12h),
+  refusing the rest before the handshake. Everyone behind the same public
+  address (carrier-grade NAT, a cafe's Wi-Fi) is admitted once one family
+  device passes; without --admit-after every port needs the certificate.
+    tcpfwd --map 443:dvr.lan:80 --map 7682:dvr.lan:7681 \\
+           --client-auth family --admit-after 443
 
 ACME:
   --acme-domain asks an ACME CA (Let's Encrypt unless --acme-directory or
@@ -392,6 +407,31 @@ pub struct RunArgs {
     /// (`tcpfwd client-cert new NAME`) on every --map; `off`: none.
     #[arg(long, value_enum, value_name = "WHICH")]
     pub client_auth: Option<ClientAuthArg>,
+
+    /// The --map on ROUTE (LISTEN, or LISTEN:NAME for a route by server
+    /// name, like 443) checks the client certificates; every other --map asks
+    /// for none and admits only source addresses (an IPv4 address, an IPv6
+    /// /64) that passed it within --admit-window, refusing the rest before
+    /// the handshake. For a page whose WebSockets go to another port:
+    /// browsers send no client certificate on WebSockets.
+    #[arg(long, value_name = "ROUTE", value_parser = admit_after_arg)]
+    pub admit_after: Option<RouteRef>,
+
+    /// How long a verified handshake on the --admit-after route admits its
+    /// source; each one starts it again. [default: 12h]
+    #[arg(long, value_name = "DURATION", requires = "admit_after")]
+    pub admit_window: Option<Duration>,
+}
+
+/// `--admit-after ROUTE`, its form checked; the route is found in the merge.
+fn admit_after_arg(text: &str) -> Result<RouteRef, String> {
+    let (listen, name) = super::map::parse_route_ref(text)?;
+    Ok(RouteRef {
+        text: text.to_owned(),
+        listen,
+        name,
+        said: format!("--admit-after '{text}'"),
+    })
 }
 
 /// `--client-auth`.
@@ -469,6 +509,8 @@ impl RunArgs {
                 per_source_connections: self.per_source_connections,
                 per_source_rate: self.per_source_rate,
                 client_auth,
+                admit_after: self.admit_after.clone().map(Some),
+                admit_window: self.admit_window,
             },
             certs: self
                 .cert
@@ -616,6 +658,27 @@ mod tests {
                 crl: None
             })));
         assert!(build(&[]).routes().all(|(_, r)| r.client_auth.is_none()));
+        // The founding case: certificates on 443, its WebSocket port admitted after it.
+        let c = build(&[
+            "--client-auth",
+            "family",
+            "--admit-after",
+            "443",
+            "--admit-window",
+            "1h",
+        ]);
+        let (page, ws) = (&c.frontends[0].routes[0], &c.frontends[1].routes[0]);
+        assert!(page.client_auth.is_some() && page.admit_after.is_none());
+        assert!(ws.client_auth.is_none());
+        let a = ws.admit_after.as_ref().unwrap();
+        assert_eq!(Some(a.scope), page.admission);
+        assert_eq!(a.window, std::time::Duration::from_secs(3600));
+        let e = Cli::try_parse_from(["tcpfwd", "--map", "443:a:80", "--admit-after", "a..b"])
+            .unwrap_err();
+        assert!(e.to_string().contains("'a..b' is not a route"), "{e}");
+        let e = Cli::try_parse_from(["tcpfwd", "--map", "443:a:80", "--admit-window", "1h"])
+            .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
         let e = Cli::try_parse_from([
             "tcpfwd",
             "--map",

@@ -14,10 +14,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::layer::{
-    AcmeLayer, ClientAuthSpec, FrontendSpec, Layer, RouteSettings, RouteSpec, MAX_CONNECTIONS,
-    MAX_THREADS,
+    AcmeLayer, ClientAuthSpec, FrontendSpec, Layer, RouteRef, RouteSettings, RouteSpec,
+    MAX_CONNECTIONS, MAX_THREADS,
 };
-use super::map::{parse_backend, parse_listen, parse_route_name, valid_hostname};
+use super::map::{parse_backend, parse_listen, parse_route_name, parse_route_ref, valid_hostname};
 use super::{CertPair, CipherPreference, Duration, LogFormat, Origin, ProxyProtocol, Secret};
 use crate::policy::Cidr;
 
@@ -164,6 +164,8 @@ const ROUTE_SETTINGS: &[&str] = &[
     "client_auth",
     "client_ca",
     "client_crl",
+    "admit_after",
+    "admit_window",
 ];
 const TABLES: &[(&str, &[&str])] = &[
     (
@@ -307,6 +309,8 @@ macro_rules! with_route_settings {
             client_auth: Option<Spanned<String>>,
             client_ca: Option<Spanned<String>>,
             client_crl: Option<Spanned<String>>,
+            admit_after: Option<Spanned<String>>,
+            admit_window: Option<Spanned<String>>,
         }
 
         impl $name {
@@ -348,6 +352,18 @@ macro_rules! with_route_settings {
                         self.client_ca.as_ref(),
                         self.client_crl.as_ref(),
                     )?,
+                    admit_after: self
+                        .admit_after
+                        .as_ref()
+                        .map(|v| {
+                            if v.get_ref() == "off" {
+                                Ok(None)
+                            } else {
+                                route_ref(src, v).map(Some)
+                            }
+                        })
+                        .transpose()?,
+                    admit_window: timeout(src, "admit_window", &self.admit_window)?,
                 })
             }
         }
@@ -512,6 +528,24 @@ fn client_auth(
             )),
         },
     }
+}
+
+/// `admit_after = "LISTEN"` or `"LISTEN:NAME"`; whether that route exists
+/// is checked with every frontend at hand (`layer::build`), with this place.
+fn route_ref(src: &Source, v: &Spanned<String>) -> Result<RouteRef, String> {
+    let text = v.get_ref();
+    let (listen, name) = parse_route_ref(text)
+        .map_err(|why| src.error(&v.span(), format!("`admit_after`: {why}, or \"off\"")))?;
+    let (line, column) = src.position(v.span().start);
+    Ok(RouteRef {
+        text: text.clone(),
+        listen,
+        name,
+        said: format!(
+            "{}:{line}:{column}: `admit_after` = \"{text}\"",
+            src.path.display()
+        ),
+    })
 }
 
 fn alpn(src: &Source, list: &[Spanned<String>]) -> Result<Vec<String>, String> {
@@ -1079,6 +1113,50 @@ client_auth = "off"
             1,
             15,
             &["both choose the CA"],
+        );
+    }
+
+    #[test]
+    fn admit_after_names_a_route_and_a_bad_one_says_where() {
+        let text = r#"client_auth = "family"
+
+[[frontend]]
+listen = "443"
+  [[frontend.route]]
+  backend = "dvr.lan:80"
+
+[[frontend]]
+listen = "7682"
+  [[frontend.route]]
+  backend = "dvr.lan:7681"
+  admit_after = "443"
+  admit_window = "30m"
+"#;
+        let c = layer::build(Some(parse(text, path()).unwrap()), Layer::default()).unwrap();
+        let ws = &c.frontends[1].routes[0];
+        assert_eq!(ws.client_auth, None);
+        let a = ws.admit_after.as_ref().unwrap();
+        assert_eq!(a.window, std::time::Duration::from_secs(1800));
+        assert_eq!(Some(a.scope), c.frontends[0].routes[0].admission);
+        // A route that is not there: the text, and where it was written.
+        let bad = text.replace("admit_after = \"443\"", "admit_after = \"8443\"");
+        let e = layer::build(Some(parse(&bad, path()).unwrap()), Layer::default()).unwrap_err();
+        assert!(
+            e.starts_with("/etc/tcpfwd/tcpfwd.toml:12:17: `admit_after` = \"8443\": no frontend listens on 8443"),
+            "{e}"
+        );
+        // Not a route at all: caught while reading, the line quoted.
+        fails(
+            &text.replace("admit_after = \"443\"", "admit_after = \"dvr\""),
+            12,
+            17,
+            &["`admit_after`: 'dvr' is not a route", "LISTEN:NAME"],
+        );
+        fails(
+            &text.replace("admit_window = \"30m\"", "admit_window = \"soon\""),
+            13,
+            18,
+            &["`admit_window` = \"soon\""],
         );
     }
 

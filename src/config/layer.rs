@@ -16,11 +16,12 @@
 
 use std::path::PathBuf;
 
+use super::map::ROUTE_REF_FORM;
 use super::map::{parse_route_name, valid_hostname};
 use super::{
-    AcmeConfig, Backend, CertPair, CertSource, CipherPreference, ClientAuth, Config, Duration, Eab,
-    Frontend, HmacKey, Listen, LogFormat, Logging, Origin, ProxyProtocol, Route, Secret, SniName,
-    Timeouts, LETS_ENCRYPT, LETS_ENCRYPT_STAGING,
+    AcmeConfig, AdmitAfter, Backend, CertPair, CertSource, CipherPreference, ClientAuth, Config,
+    Duration, Eab, Frontend, HmacKey, Listen, LogFormat, Logging, Origin, ProxyProtocol, Route,
+    Secret, SniName, Timeouts, ADMIT_WINDOW, LETS_ENCRYPT, LETS_ENCRYPT_STAGING,
 };
 use crate::policy::{AccessList, BanRules, Cidr, SourceLimits, SourcePolicy};
 
@@ -50,6 +51,25 @@ pub struct RouteSettings {
     /// Client certificates to require; `Some(None)` turns an inherited
     /// requirement off.
     pub client_auth: Option<Option<ClientAuthSpec>>,
+    /// The route whose verified sources this one admits; `Some(None)` turns
+    /// an inherited one off.
+    pub admit_after: Option<Option<RouteRef>>,
+    /// How long a verified handshake admits its source.
+    pub admit_window: Option<Duration>,
+}
+
+/// A reference to another route (`admit_after`), as a source wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRef {
+    /// The text as written.
+    pub text: String,
+    /// The frontend it names.
+    pub listen: Listen,
+    /// The server name of the route it names; `None`: the default route.
+    pub name: Option<String>,
+    /// Where and how it was said, to start messages with: the file's
+    /// `FILE:LINE:COLUMN: `admit_after` = "443"`, or `--admit-after '443'`.
+    pub said: String,
 }
 
 /// A client-certificate requirement as a source gave it.
@@ -84,6 +104,11 @@ impl RouteSettings {
                 .client_auth
                 .clone()
                 .or_else(|| base.client_auth.clone()),
+            admit_after: self
+                .admit_after
+                .clone()
+                .or_else(|| base.admit_after.clone()),
+            admit_window: self.admit_window.or(base.admit_window),
         }
     }
 }
@@ -202,6 +227,7 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
     let state = state_dir(&file, &cli);
 
     let mut frontends: Vec<(FrontendSpec, Vec<Route>)> = Vec::new();
+    let mut admitting: Vec<Pending> = Vec::new();
     for spec in file.frontends.iter().chain(cli.frontends.iter()) {
         if spec.routes.is_empty() {
             return Err(format!(
@@ -209,15 +235,28 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
                 spec.listen, spec.origin
             ));
         }
-        let mut routes = Vec::with_capacity(spec.routes.len());
-        for r in &spec.routes {
-            let s = r.settings.over(&spec.settings.over(&defaults));
-            routes.push(route(r, &s, sources.limits, &state)?);
-        }
         // Port 0 asks the kernel for a fresh port: never the same frontend.
         let same = |f: &FrontendSpec| f.listen == spec.listen && spec.listen.port != 0;
-        match frontends.iter_mut().find(|(f, _)| same(f)) {
-            Some((_, existing)) => existing.extend(routes),
+        let at = frontends.iter().position(|(f, _)| same(f));
+        let (fi, first) = match at {
+            Some(i) => (i, frontends[i].1.len()),
+            None => (frontends.len(), 0),
+        };
+        let mut routes = Vec::with_capacity(spec.routes.len());
+        for (i, r) in spec.routes.iter().enumerate() {
+            let s = r.settings.over(&spec.settings.over(&defaults));
+            routes.push(route(r, &s, sources.limits, &state)?);
+            if let Some(Some(reference)) = &s.admit_after {
+                admitting.push(Pending {
+                    at: (fi, first + i),
+                    reference: reference.clone(),
+                    window: s.admit_window,
+                    own_client_auth: matches!(r.settings.client_auth, Some(Some(_))),
+                });
+            }
+        }
+        match at {
+            Some(i) => frontends[i].1.extend(routes),
             None => frontends.push((spec.clone(), routes)),
         }
     }
@@ -240,13 +279,14 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
             ));
         }
     }
-    let frontends: Vec<Frontend> = frontends
+    let mut frontends: Vec<Frontend> = frontends
         .into_iter()
         .map(|(spec, routes)| {
             let own = spec.settings.over(&defaults);
             check_frontend(spec.listen, routes, access(&own))
         })
         .collect::<Result<_, _>>()?;
+    link_admissions(&mut frontends, admitting)?;
 
     let acme_on = cli.acme.enabled || file.acme.enabled;
     let mut certs = file.certs.clone();
@@ -489,8 +529,131 @@ fn route(
             }),
             Some(ClientAuthSpec::Ca { ca, crl }) => Some(ClientAuth::Ca { ca, crl }),
         },
+        // Linked once every frontend is known (`link_admissions`).
+        admit_after: None,
+        admission: None,
         origin: spec.origin.clone(),
     })
+}
+
+/// A route with `admit_after`, until the route it names is found.
+struct Pending {
+    /// Its frontend and its place there.
+    at: (usize, usize),
+    reference: RouteRef,
+    window: Option<Duration>,
+    /// Whether its own table (not an inherited setting) asks for client certificates.
+    own_client_auth: bool,
+}
+
+/// The route `r` names: on the frontend listening there (by port alone
+/// when the reference gives no address and one frontend has that port),
+/// its route for the name, or its default (or only) route.
+fn find_route(frontends: &[Frontend], r: &RouteRef) -> Result<(usize, usize), String> {
+    let fi = frontends
+        .iter()
+        .position(|f| f.listen == r.listen)
+        .or_else(|| {
+            let by_port: Vec<usize> = (0..frontends.len())
+                .filter(|&i| frontends[i].listen.port == r.listen.port)
+                .collect();
+            match by_port[..] {
+                [only] if r.listen.addr.is_none() => Some(only),
+                _ => None,
+            }
+        })
+        .ok_or_else(|| {
+            let listening: Vec<String> = frontends.iter().map(|f| f.listen.to_string()).collect();
+            format!(
+                "{}: no frontend listens on {} (they listen on {}); {ROUTE_REF_FORM}",
+                r.said,
+                r.listen,
+                listening.join(", ")
+            )
+        })?;
+    let f = &frontends[fi];
+    let ri = match &r.name {
+        Some(name) => {
+            let want = SniName::new(name);
+            f.routes.iter().position(|x| x.names.contains(&want))
+        }
+        None => match &f.routes[..] {
+            [_] => Some(0),
+            routes => routes.iter().position(|x| x.default),
+        },
+    };
+    let ri = ri.ok_or_else(|| {
+        let names: Vec<String> = f.routes.iter().map(Route::label).collect();
+        format!(
+            "{}: frontend {} has no route {} (its routes: {}); {ROUTE_REF_FORM}",
+            r.said,
+            f.listen,
+            r.name.as_deref().unwrap_or("by default"),
+            names.join(", ")
+        )
+    })?;
+    Ok((fi, ri))
+}
+
+/// Resolves every `admit_after` to the route it names, which must ask for
+/// client certificates. A route naming itself (a setting every route
+/// inherits, like `--admit-after`) is the one that verifies: it keeps its
+/// client certificates. Every other one asks for none.
+fn link_admissions(frontends: &mut [Frontend], pending: Vec<Pending>) -> Result<(), String> {
+    let mut links = Vec::new();
+    for p in pending {
+        let target = find_route(frontends, &p.reference)?;
+        if target != p.at {
+            links.push((p, target));
+        }
+    }
+    for (p, (tf, tr)) in &links {
+        let verifier = &frontends[*tf].routes[*tr];
+        let listen = frontends[*tf].listen;
+        let r = &p.reference;
+        if links.iter().any(|(q, _)| q.at == (*tf, *tr)) {
+            return Err(format!(
+                "{}: route {} ({}) itself admits after another route; name the route that checks the client certificates",
+                r.said, verifier.map_text(&listen), verifier.origin
+            ));
+        }
+        if verifier.client_auth.is_none() {
+            return Err(format!(
+                "{}: route {} ({}) asks for no client certificate, so nobody passes it; give it client_auth = \"family\" or client_ca = \"FILE\" (--client-auth family or --client-ca FILE)",
+                r.said, verifier.map_text(&listen), verifier.origin
+            ));
+        }
+        if p.own_client_auth {
+            let (fi, ri) = p.at;
+            let me = &frontends[fi].routes[ri];
+            return Err(format!(
+                "{}: route {} ({}) also asks for client certificates itself; keep one: client_auth for certificates on this port too (the strict mode, which browsers do not meet on WebSockets), or admit_after",
+                r.said, me.map_text(&frontends[fi].listen), me.origin
+            ));
+        }
+        if p.window.is_some_and(|d| d.0.is_zero()) {
+            return Err(format!("{}: admit_window must be more than 0", r.said));
+        }
+    }
+    for (p, (tf, tr)) in links {
+        let listen = frontends[tf].listen;
+        let verifier = &mut frontends[tf].routes[tr];
+        let scope = crate::policy::route_scope(&format!("{listen}/{}", verifier.label()));
+        verifier.admission = Some(scope);
+        let auth = verifier.client_auth.clone();
+        let (fi, ri) = p.at;
+        let me = &mut frontends[fi].routes[ri];
+        // Checked above: the route named asks for client certificates.
+        let Some(auth) = auth else { continue };
+        me.client_auth = None;
+        me.admit_after = Some(AdmitAfter {
+            route: p.reference.text.clone(),
+            scope,
+            auth,
+            window: p.window.map_or(ADMIT_WINDOW, |d| d.0),
+        });
+    }
+    Ok(())
 }
 
 /// One frontend's routes: names unique, at most one default.
@@ -753,6 +916,85 @@ mod tests {
         bad.ban_time = Some("2h".parse().unwrap());
         let e = build(None, bad).unwrap_err();
         assert!(e.contains("--max-ban-time"), "{e}");
+    }
+
+    fn reference(text: &str) -> RouteRef {
+        let (listen, name) = super::super::map::parse_route_ref(text).unwrap();
+        RouteRef {
+            text: text.into(),
+            listen,
+            name,
+            said: format!("--admit-after '{text}'"),
+        }
+    }
+
+    #[test]
+    fn admit_after_links_to_the_route_named_which_keeps_its_certificates() {
+        let mut cli = map_layer(&[
+            "443:dvr.lan:80",
+            "443:nas.example.org=nas.lan:5000",
+            "7682:dvr.lan:7681",
+        ]);
+        cli.defaults.client_auth = Some(Some(ClientAuthSpec::Family));
+        cli.defaults.admit_after = Some(Some(reference("443")));
+        cli.state_dir = Some("/s".into());
+        let c = build(None, cli.clone()).unwrap();
+        let dvr = &c.frontends[0].routes[0];
+        let nas = &c.frontends[0].routes[1];
+        let ws = &c.frontends[1].routes[0];
+        let family = ClientAuth::Family {
+            dir: "/s/family-ca".into(),
+        };
+        // The route named checks certificates and records who passed.
+        assert_eq!(dvr.client_auth.as_ref(), Some(&family));
+        assert!(dvr.admit_after.is_none());
+        let scope = dvr.admission.unwrap();
+        // Every other one asks for none and admits after it.
+        for r in [nas, ws] {
+            assert_eq!(r.client_auth, None);
+            let a = r.admit_after.as_ref().unwrap();
+            assert_eq!((a.route.as_str(), a.scope), ("443", scope));
+            assert_eq!(a.auth, family);
+            assert_eq!(a.window, ADMIT_WINDOW);
+            assert_eq!(r.admission, None);
+        }
+        // By server name, with its own window; the scope does not depend on the backend.
+        cli.defaults.admit_after = Some(Some(reference("443:NAS.example.org")));
+        cli.defaults.admit_window = Some("2s".parse().unwrap());
+        let c = build(None, cli.clone()).unwrap();
+        assert!(c.frontends[0].routes[1].admit_after.is_none());
+        let ws = c.frontends[1].routes[0].admit_after.as_ref().unwrap();
+        assert_eq!(ws.window, std::time::Duration::from_secs(2));
+        assert_eq!(Some(ws.scope), c.frontends[0].routes[1].admission);
+        assert_ne!(Some(ws.scope), Some(scope));
+        // Errors quote the reference and say where it was.
+        for (text, want) in [
+            ("444", "--admit-after '444': no frontend listens on 444"),
+            (
+                "443:cams.example.org",
+                "frontend 443 has no route cams.example.org",
+            ),
+        ] {
+            cli.defaults.admit_after = Some(Some(reference(text)));
+            let e = build(None, cli.clone()).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        cli.defaults.admit_after = Some(Some(reference("443")));
+        cli.defaults.admit_window = Some("0".parse().unwrap());
+        let e = build(None, cli.clone()).unwrap_err();
+        assert!(e.contains("admit_window must be more than 0"), "{e}");
+        cli.defaults.admit_window = None;
+        cli.defaults.client_auth = None;
+        let e = build(None, cli.clone()).unwrap_err();
+        assert!(e.contains("asks for no client certificate"), "{e}");
+        // Its own table says both: one has to go.
+        cli.defaults.client_auth = Some(Some(ClientAuthSpec::Family));
+        cli.frontends[2].routes[0].settings.client_auth = Some(Some(ClientAuthSpec::Family));
+        let e = build(None, cli).unwrap_err();
+        assert!(
+            e.contains("also asks for client certificates itself"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -260,6 +260,26 @@ pub fn parse_listen(text: &str) -> Result<Listen, String> {
     Ok(Listen { addr, port })
 }
 
+/// The form of a reference to a route, for messages.
+pub const ROUTE_REF_FORM: &str = "name a route as LISTEN (the default route of the frontend listening there) or LISTEN:NAME (its route for that server name), like \"443\" or \"443:dvr.example.org\"";
+
+/// Parses a reference to a route: `LISTEN` or `LISTEN:NAME` (LISTEN as in
+/// [`parse_listen`]); the name comes back checked, in lower case.
+pub fn parse_route_ref(text: &str) -> Result<(Listen, Option<String>), String> {
+    if let Ok(listen) = parse_listen(text) {
+        return Ok((listen, None));
+    }
+    let bad = || format!("'{text}' is not a route: {ROUTE_REF_FORM}");
+    let fields = split_fields(text).map_err(|_| bad())?;
+    let Some((name, listen)) = fields.split_last() else {
+        return Err(bad());
+    };
+    let listen = parse_listen(&listen.join(":")).map_err(|_| bad())?;
+    let name =
+        parse_route_name(name).map_err(|why| format!("'{text}': {why}; {ROUTE_REF_FORM}"))?;
+    Ok((listen, Some(name)))
+}
+
 /// Parses a backend alone: `HOST:PORT`, `IPV4:PORT` or `[IPV6]:PORT`.
 pub fn parse_backend(text: &str) -> Result<Backend, String> {
     let form = "write HOST:PORT, like dvr.lan:80, 10.0.0.7:80 or [fd00::7]:80";
@@ -437,6 +457,25 @@ mod tests {
             let err = bad.parse::<MapSpec>().unwrap_err().to_string();
             assert!(err.contains(&format!("'{bad}'")), "{err}");
             assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn route_references() {
+        let r = |s: &str| parse_route_ref(s).map(|(l, n)| (l.to_string(), n));
+        assert_eq!(r("443"), Ok(("443".into(), None)));
+        assert_eq!(r("127.0.0.1:443"), Ok(("127.0.0.1:443".into(), None)));
+        assert_eq!(
+            r("443:DVR.example.org"),
+            Ok(("443".into(), Some("dvr.example.org".into())))
+        );
+        assert_eq!(
+            r("[::1]:443:dvr.example.org"),
+            Ok(("[::1]:443".into(), Some("dvr.example.org".into())))
+        );
+        for bad in ["", "dvr", "x:dvr.example.org", "443:a..b", "[::1:443"] {
+            let e = r(bad).unwrap_err();
+            assert!(e.contains("LISTEN:NAME") && e.contains(bad), "{e}");
         }
     }
 

@@ -109,6 +109,12 @@ pub struct Route {
     pub source_limits: Option<SourceLimits>,
     /// Client certificates the route requires; `None`: anyone may connect.
     pub client_auth: Option<ClientAuth>,
+    /// Admits only the sources that passed another route's client
+    /// certificates (and asks for none itself).
+    pub admit_after: Option<AdmitAfter>,
+    /// When another route admits after this one: the number its verified
+    /// handshakes are recorded under (the other's `AdmitAfter::scope`).
+    pub admission: Option<u32>,
     /// Where the route was said, for messages.
     pub origin: Origin,
 }
@@ -132,6 +138,26 @@ impl Route {
         }
     }
 }
+
+/// `admit_after`: a source that completed a verified client-certificate
+/// handshake on the route named, within `window`, may connect; everyone
+/// else is refused before the handshake. For the pages whose WebSockets
+/// go to another port, since browsers send no certificate there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmitAfter {
+    /// The route named, as written (`443`, `443:dvr.example.org`), for messages.
+    pub route: String,
+    /// The admissions of that route (its [`Route::admission`]).
+    pub scope: u32,
+    /// That route's CA: a revocation in its CRL ends the admissions (and
+    /// the connections) its certificates made.
+    pub auth: ClientAuth,
+    /// How long after its last verified handshake a source stays admitted.
+    pub window: std::time::Duration,
+}
+
+/// The default `admit_window`: a day's evening and the next morning.
+pub const ADMIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
 /// Which client certificates a route accepts: one of these CAs must have
 /// signed it, and no CRL of its may list it.

@@ -7,7 +7,12 @@
 //! route's numbers). A refused connection is closed without a TLS alert and
 //! without a log line of its own: [`Gate::run_summaries`] logs one line per
 //! interval with the counts, the reasons and the top sources.
+//!
+//! A route with `admit_after` also asks the gate whether the source passed
+//! the client certificates of the route it names ([`admit::Admissions`]);
+//! a source that did not is refused the same way, as `not_admitted`.
 
+pub mod admit;
 pub mod cidr;
 pub mod table;
 pub mod trim;
@@ -20,12 +25,17 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
+pub use admit::Admissions;
 pub use cidr::{AccessList, Cidr};
 pub use table::{BanRules, Key, Over, SourceLimits, SourceTable};
 
 /// Sets in the per-source table: 512 sets of 8 slots hold 4,096 sources in
 /// about 400 KiB (96 bytes a slot), whatever the number seen.
 const TABLE_SETS: usize = 512;
+
+/// Sets in the admission table: 128 sets of 8 hold 1,024 admitted sources
+/// in 64 KiB, far more than a family's phones and laptops on their networks.
+const ADMISSION_SETS: usize = 128;
 
 /// How many sources a summary names.
 const TOP_SOURCES: usize = 5;
@@ -86,24 +96,31 @@ pub enum Refusal {
     Connections,
     /// Too many new connections per minute from the source.
     Rate,
+    /// An `admit_after` route: the source has not passed the client
+    /// certificates of the route named, within its window.
+    NotAdmitted,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 5] = [
+    /// Every reason, in the order of the summary's counts.
+    pub const ALL: [Refusal; 6] = [
         Refusal::Denied,
         Refusal::RouteDenied,
         Refusal::Banned,
         Refusal::Connections,
         Refusal::Rate,
+        Refusal::NotAdmitted,
     ];
 
-    fn name(self) -> &'static str {
+    /// The reason as the summary (and metrics) name it.
+    pub fn name(self) -> &'static str {
         match self {
             Refusal::Denied => "denied",
             Refusal::RouteDenied => "route_denied",
             Refusal::Banned => "banned",
             Refusal::Connections => "per_source_connections",
             Refusal::Rate => "per_source_rate",
+            Refusal::NotAdmitted => "not_admitted",
         }
     }
 }
@@ -121,6 +138,7 @@ impl From<Over> for Refusal {
 /// The lists, limits and bans every connection passes; one per process.
 pub struct Gate {
     table: SourceTable,
+    admissions: Admissions,
     policy: ArcSwap<SourcePolicy>,
     counts: [AtomicU64; Refusal::ALL.len()],
     bans: AtomicU64,
@@ -147,6 +165,7 @@ impl Gate {
     fn with_table(policy: SourcePolicy, table: SourceTable) -> Arc<Gate> {
         Arc::new(Gate {
             table,
+            admissions: Admissions::new(ADMISSION_SETS),
             policy: ArcSwap::from_pointee(policy),
             counts: Default::default(),
             bans: AtomicU64::new(0),
@@ -220,6 +239,36 @@ impl Gate {
         }
     }
 
+    /// `ip` completed a verified client-certificate handshake with the
+    /// certificate `serial` on the route whose admissions are `scope`.
+    pub fn verified(&self, ip: IpAddr, scope: u32, serial: &[u8]) {
+        let key = Admissions::key(ip, scope);
+        if !self.admissions.verified(key, serial, Instant::now()) {
+            tracing::debug!(%ip, "client certificate serial too long to admit by; not admitted");
+        }
+    }
+
+    /// On an `admit_after` route: the serial of the certificate that
+    /// admits `ip` (verified on route `scope` within `window`), or refused.
+    pub fn admitted(&self, ip: IpAddr, scope: u32, window: Duration) -> Result<Vec<u8>, Refusal> {
+        match self
+            .admissions
+            .admitted(Admissions::key(ip, scope), window, Instant::now())
+        {
+            Some(serial) => Ok(serial),
+            None => {
+                self.table.note_refused(self.key(ip, 0), Instant::now());
+                Err(self.refuse(Refusal::NotAdmitted))
+            }
+        }
+    }
+
+    /// Forgets the admissions made on routes `scopes` by certificates that
+    /// `revoked` says are revoked; returns how many.
+    pub fn revoke_admissions(&self, scopes: &[u32], revoked: impl Fn(&[u8]) -> bool) -> usize {
+        self.admissions.revoke(scopes, revoked)
+    }
+
     /// A handshake from `ip` failed (or timed out, or asked for no known name).
     pub fn handshake_failed(&self, ip: IpAddr) {
         let rules = self.policy.load().bans;
@@ -275,6 +324,7 @@ impl Gate {
             banned = c(Refusal::Banned),
             per_source_connections = c(Refusal::Connections),
             per_source_rate = c(Refusal::Rate),
+            not_admitted = c(Refusal::NotAdmitted),
             new_bans,
             reasons = %why.join(" "),
             top_sources = %top.join(", "),
@@ -362,8 +412,19 @@ mod tests {
         gate.handshake_failed(ip("::1"));
         gate.handshake_failed(ip("::1"));
         assert_eq!(gate.admit(ip("::1"), &open).err(), Some(Refusal::Banned));
+        assert_eq!(
+            gate.admitted(ip("127.0.0.2"), 7, Duration::from_secs(60))
+                .err(),
+            Some(Refusal::NotAdmitted)
+        );
+        gate.verified(ip("127.0.0.2"), 7, &[5]);
+        assert_eq!(
+            gate.admitted(ip("127.0.0.2"), 7, Duration::from_secs(60)),
+            Ok(vec![5])
+        );
+        assert_eq!(gate.revoke_admissions(&[7], |s| s == [5]), 1);
         let (counts, bans) = gate.take_counts().unwrap();
-        assert_eq!(counts, [1, 1, 1, 2, 0]);
+        assert_eq!(counts, [1, 1, 1, 2, 0, 1]);
         assert_eq!(bans, 1);
         assert!(gate.take_counts().is_none());
         drop((b, c));

@@ -46,6 +46,9 @@ struct Seen {
     route_pass: Option<Pass>,
     /// The verified client certificate, on client-auth routes.
     client_cert: Option<conn::ClientCert>,
+    /// On an `admit_after` route: the serial of the certificate that
+    /// admitted the source (verified on the route named).
+    admitted_by: Option<Vec<u8>>,
 }
 
 /// How a connection ended, for its log event.
@@ -163,7 +166,10 @@ pub async fn serve(
     match &end {
         // Hostile traffic costs little: no line of its own; the gate's
         // summary counts it.
-        End::Refused => return,
+        End::Refused => {
+            counters.unrouted.open.dec();
+            return;
+        }
         // Bytes that are not a handshake we take count toward a ban. A
         // connection closed or left silent is not counted: browsers open
         // spare connections and drop them unused, and the per-source
@@ -303,6 +309,12 @@ async fn run(
                 Err(_) => return Err(End::Refused),
                 Ok(pass) => seen.route_pass = pass,
             }
+            if let Some(a) = &r.route.admit_after {
+                match ctx.gate.admitted(peer.ip(), a.scope, a.window) {
+                    Err(_) => return Err(End::Refused),
+                    Ok(serial) => seen.admitted_by = Some(serial),
+                }
+            }
         }
         seen.route = route.clone();
         if let Some(r) = &route {
@@ -344,13 +356,20 @@ async fn run(
     seen.kx = session.negotiated_key_exchange_group().map(|g| g.name());
     // On a client-auth route: registered until the connection ends, so that a
     // revocation can close it.
+    // An admitted connection likewise, under the serial that admitted it.
     let registration = match (&route.route.client_auth, client.client_cert()) {
         (Some(auth), Some(cert)) => {
+            if let Some(scope) = route.route.admission {
+                ctx.gate.verified(peer.ip(), scope, &cert.serial);
+            }
             let r = ctx.revocations.register(auth, cert.serial.clone());
             seen.client_cert = Some(cert);
             Some(r)
         }
-        _ => None,
+        _ => match (&route.route.admit_after, seen.admitted_by.take()) {
+            (Some(a), Some(serial)) => Some(ctx.revocations.register(&a.auth, serial)),
+            _ => None,
+        },
     };
     let mut revoked = std::pin::pin!(async {
         match &registration {

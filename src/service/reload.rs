@@ -263,11 +263,29 @@ impl Reloader {
         self.crl_seen = now;
         for auth in client_auths(&self.served.config) {
             let crls = tls::client_auth::crls(&auth)?;
+            // The admissions its certificates made on `admit_after` routes
+            // go first, so that no new connection is admitted by them...
+            let scopes: Vec<u32> = self
+                .served
+                .config
+                .routes()
+                .filter(|(_, r)| r.client_auth.as_ref() == Some(&auth))
+                .filter_map(|(_, r)| r.admission)
+                .collect();
+            let admissions_removed = if scopes.is_empty() {
+                0
+            } else {
+                self.served.gate.revoke_admissions(&scopes, |serial| {
+                    tls::client_auth::is_revoked(&crls, serial)
+                })
+            };
+            // ...then the open connections, those admitted by them included.
             let closed = self.revocations.close_revoked(&auth, &crls);
             tracing::info!(
                 client_auth = %auth,
                 crl = %auth.crl_file().map(|p| p.display().to_string()).unwrap_or_default(),
                 closed,
+                admissions_removed,
                 "CRL loaded; new handshakes get it, open connections with revoked certificates are closed"
             );
         }
