@@ -264,7 +264,7 @@ async fn prometheus_scrapes_what_the_connections_did() {
     prom.wait_value("tcpfwd_reload_failures_total", 0.0);
     prom.wait_value(
         &format!(
-            "count(tcpfwd_build_info{{version=\"{}\",tls_provider=\"aws-lc-rs\"}})",
+            "count(tcpfwd_build_info{{version=\"{}\",tls_provider=\"aws-lc-rs+ring\"}})",
             env!("CARGO_PKG_VERSION")
         ),
         1.0,
