@@ -1481,7 +1481,7 @@ mod tests {
         assert!(err.contains("no Authority Key Identifier"), "{err}");
         let err = CertInfo::from_leaf(&CertificateDer::from(vec![0x30, 0x00])).unwrap_err();
         assert!(
-            err.starts_with("the certificate cannot be parsed (tbsCertificate: "),
+            err.starts_with("the certificate cannot be parsed (certificate: "),
             "{err}"
         );
     }
