@@ -1107,3 +1107,36 @@ async fn each_acme_refusal_waits_at_least_a_minute_and_keeps_serving() {
         echo_through(&fwd, 0, b"still forwarding").await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_stalls_past_the_request_deadline_fails_the_attempt_and_is_retried() {
+    let script = Script {
+        stall: true,
+        ..Script::default()
+    };
+    // The hidden test hook: a 2 s deadline instead of 60 s.
+    let env = [("TCPFWD_TEST_ACME_REQUEST_TIMEOUT", "2")];
+    let (ca, mut fwd, _state, _pki) = against(script, Some(&due_now()), &env).await;
+    let failed = fwd.wait_for(renewal_failed, 2, ISSUE);
+    let dir = ca.directory_url();
+    for f in &failed {
+        let error = f["error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("GET {dir}: no complete answer within 2s")),
+            "{f}"
+        );
+        assert_eq!(f["url"], format!("GET {dir}"), "{f}");
+    }
+    // Retried by the backoff (2.5-5 s, then 5-10 s): not refused, so no minute's floor.
+    let first = failed[0]["retry_in"].as_str().unwrap();
+    assert!(
+        first.ends_with('s') && !first.contains('m'),
+        "{}",
+        failed[0]
+    );
+    // One directory GET per attempt; the process lives and forwards.
+    assert_eq!(*ca.directories.lock().unwrap(), 2);
+    assert_eq!(ca.order_count(), 0);
+    assert!(alive(&mut fwd));
+    echo_through(&fwd, 0, b"still forwarding").await;
+}

@@ -26,7 +26,6 @@ use crate::tls::{self, CertResolver, TlsRouter};
 pub mod state;
 
 mod client;
-mod http1;
 
 use self::client::{Failure, Http};
 
@@ -42,8 +41,12 @@ const ISSUED_FILE: &str = "issued.pem";
 const CERT_FILE: &str = "cert.pem";
 const KEY_FILE: &str = "key.pem";
 
-/// Longest a single HTTP request to the CA may take.
+/// Longest a single HTTP request to the CA may take, from connect to the
+/// body's last byte.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Tests only: this many seconds (e.g. `1.5`) instead of [`REQUEST_TIMEOUT`],
+/// so that a CA that stalls is seen to time out without a minute's wait.
+const REQUEST_TIMEOUT_ENV: &str = "TCPFWD_TEST_ACME_REQUEST_TIMEOUT";
 /// Longest one whole attempt (account, order, validation, download) may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest sleep between looks at the schedule, so clock jumps and ARI changes are noticed.
