@@ -250,6 +250,24 @@ struct DirectoryInfo {
     /// The `renewalInfo` URL (ARI), if the CA offers it.
     renewal_info: Option<String>,
     fetched: SystemTime,
+    /// The whole document, from which the account is restored (so that
+    /// instant-acme does not fetch the directory a second time).
+    document: serde_json::Value,
+}
+
+/// Stored account credentials with the directory document already fetched in
+/// place of its URL, so that instant-acme restores the account without
+/// fetching the directory again (as for credentials of its versions before
+/// 0.4, which held the directory's URLs).
+fn with_directory(
+    stored: &[u8],
+    directory: &serde_json::Value,
+) -> Result<AccountCredentials, String> {
+    let mut creds: serde_json::Value = serde_json::from_slice(stored).map_err(|e| e.to_string())?;
+    let fields = creds.as_object_mut().ok_or("not a JSON object")?;
+    fields.remove("directory");
+    fields.insert("urls".into(), directory.clone());
+    serde_json::from_value(creds).map_err(|e| format!("with the directory: {e}"))
 }
 
 /// The certificate the renewal task looks after. Sent by the task after each
@@ -1052,6 +1070,7 @@ impl Manager {
             terms_of_service: doc["meta"]["termsOfService"].as_str().map(str::to_owned),
             renewal_info: doc["renewalInfo"].as_str().map(str::to_owned),
             fetched: SystemTime::now(),
+            document: doc,
         };
         let changed = self
             .logged_directory
@@ -1076,7 +1095,7 @@ impl Manager {
         if let Some(a) = &self.account {
             return Ok(a.clone());
         }
-        self.directory().await?;
+        let directory = self.directory().await?;
         let path = self.shared.state.path(ACCOUNT_FILE);
         let stored = self
             .shared
@@ -1087,7 +1106,13 @@ impl Manager {
             let parsed =
                 serde_json::from_slice::<AccountCredentials>(&bytes).map_err(|e| e.to_string());
             let loaded = match parsed {
-                Ok(creds) => {
+                Ok(_) => {
+                    let creds = with_directory(&bytes, &directory.document).map_err(|e| {
+                        anyhow!(
+                            "cannot restore the ACME account from {}: {e}",
+                            path.display()
+                        )
+                    })?;
                     match instant_acme::Account::builder_with_http(self.shared.http.boxed())
                         .from_credentials(creds)
                         .await
@@ -1447,6 +1472,25 @@ mod tests {
         assert_eq!(info.names, ["a.test"]);
         let err = parse_pair(cert.pem().as_bytes(), &p).err().unwrap();
         assert!(err.contains("no private key"), "{err}");
+    }
+
+    #[test]
+    fn a_stored_account_is_restored_with_the_fetched_directory() {
+        let stored = br#"{"id":"https://ca.test/acct/1","key_pkcs8":"MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgJVWC_QzOTCS5vtsJp2IG-UDc8cdDfeoKtxSZxaznM-mhRANCAAQenCPoGgPFTdPJ7VLLKt56RxPlYT1wNXnHc54PEyBg3LxKaH0-sJkX0mL8LyPEdsfL_Oz4TxHkWLJGrXVtNhfH","directory":"https://ca.test/dir"}"#;
+        let doc = serde_json::json!({
+            "newNonce": "https://ca.test/nonce",
+            "newAccount": "https://ca.test/acct",
+            "newOrder": "https://ca.test/order",
+            "renewalInfo": "https://ca.test/ari",
+            "meta": { "termsOfService": "https://ca.test/tos", "profiles": { "classic": "90 days" } }
+        });
+        let creds = with_directory(stored, &doc).unwrap();
+        // instant-acme takes the URLs from here and fetches nothing.
+        let back = serde_json::to_value(&creds).unwrap();
+        assert_eq!(back["urls"]["newOrder"], "https://ca.test/order");
+        assert_eq!(back["urls"]["meta"]["profiles"]["classic"], "90 days");
+        assert!(back["directory"].is_null(), "{back}");
+        assert!(with_directory(b"[]", &doc).is_err());
     }
 
     #[test]
