@@ -738,6 +738,7 @@ impl Manager {
             if panic_hook {
                 panic!("{PANIC_HOOK} is set");
             }
+            let looked = SystemTime::now();
             let reason = match self.schedule().await {
                 Next::Sleep(d) => {
                     // A reload that re-read the stored pair wakes the schedule.
@@ -750,8 +751,12 @@ impl Manager {
                 Next::Order(reason) => reason,
             };
             self.shared.http.take_failure();
-            // Each attempt reads the directory and the account afresh.
-            self.directory = None;
+            // Each attempt reads the directory and the account afresh; a
+            // directory fetched just now by this look at the schedule (for
+            // ARI) is fresh.
+            if self.directory.as_ref().is_none_or(|d| d.fetched < looked) {
+                self.directory = None;
+            }
             self.account = None;
             let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, self.order(&reason)).await {
                 Ok(r) => r,
