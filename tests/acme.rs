@@ -1107,3 +1107,84 @@ async fn each_acme_refusal_waits_at_least_a_minute_and_keeps_serving() {
         echo_through(&fwd, 0, b"still forwarding").await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_stalls_past_the_request_deadline_fails_the_attempt_and_is_retried() {
+    let script = Script {
+        stall: true,
+        ..Script::default()
+    };
+    // The hidden test hook: a 2 s deadline instead of 60 s.
+    let env = [("TCPFWD_TEST_ACME_REQUEST_TIMEOUT", "2")];
+    let (ca, mut fwd, _state, _pki) = against(script, Some(&due_now()), &env).await;
+    let failed = fwd.wait_for(renewal_failed, 2, ISSUE);
+    let dir = ca.directory_url();
+    for f in &failed {
+        let error = f["error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("GET {dir}: no complete answer within 2s")),
+            "{f}"
+        );
+        assert_eq!(f["url"], format!("GET {dir}"), "{f}");
+    }
+    // Retried by the backoff (2.5-5 s, then 5-10 s): not refused, so no minute's floor.
+    let first = failed[0]["retry_in"].as_str().unwrap();
+    assert!(
+        first.ends_with('s') && !first.contains('m'),
+        "{}",
+        failed[0]
+    );
+    // The process lives and forwards.
+    assert_eq!(ca.order_count(), 0);
+    assert!(alive(&mut fwd));
+    echo_through(&fwd, 0, b"still forwarding").await;
+}
+
+/// Writes an ACME account for the stand-in CA at 127.0.0.1:`port` where
+/// tcpfwd keeps it, as instant-acme stores one (ECDSA P-256 key, PKCS#8).
+fn store_account(state: &TempDir, port: u16) {
+    use base64::Engine as _;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let base = format!("https://127.0.0.1:{port}");
+    let creds = serde_json::json!({
+        "id": format!("{base}/account/1"),
+        "key_pkcs8": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.serialize_der()),
+        "directory": format!("{base}/dir"),
+    });
+    let dir = state.join(&format!("127.0.0.1_{port}_dir"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("account.json"), creds.to_string()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_attempt_fetches_the_directory_once() {
+    let pki = common::Pki::new();
+    let ca = StandInCa::scripted(
+        &pki,
+        Script {
+            refuse_orders: Some("1".into()),
+            ..Script::default()
+        },
+    )
+    .await;
+    let backend = backends::echo().await;
+    let state = TempDir::new("acme-stand-in");
+    store_self_signed(&state, ca.addr.port(), &due_now());
+    store_account(&state, ca.addr.port());
+    let mut cmd = Tcpfwd::command();
+    cmd.args(stand_in_args(&ca.directory_url(), &pki, &state, backend));
+    let fwd = Tcpfwd::spawn(cmd);
+    fwd.wait_for(|e| msg(e) == "ready", 1, Duration::from_secs(20));
+    fwd.wait_for(renewal_failed, 2, ISSUE);
+    // The next attempt is at least 5 s away: the counts are settled. The
+    // first look for renewal information (none offered) read the directory
+    // that the first attempt then used.
+    assert_eq!(ca.order_count(), 2);
+    assert!(has(&fwd, |e| msg(e) == "using the stored ACME account"));
+    assert_eq!(*ca.accounts.lock().unwrap(), 0);
+    assert_eq!(
+        *ca.directories.lock().unwrap(),
+        2,
+        "the directory was fetched more than once per attempt"
+    );
+}

@@ -1,5 +1,6 @@
-//! The HTTPS client for the ACME CA: HTTP/1.1 over rustls (aws-lc-rs), one
-//! connection per request, remembering the last failed request for the log.
+//! The HTTPS client for the ACME CA: hyper's HTTP/1.1 client connection over
+//! tokio-rustls (aws-lc-rs), one connection per request under one deadline,
+//! remembering the last failed request for the log.
 
 use std::future::Future;
 use std::path::Path;
@@ -11,20 +12,26 @@ use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt as _;
+use http_body_util::{Full, Limited};
+use hyper_util::rt::TokioIo;
 use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_rustls::TlsConnector;
 
-use super::http1::{encode_request, ResponseReader};
-use super::{error_chain, REQUEST_TIMEOUT, RETRY_AFTER_CAP};
+use super::{error_chain, REQUEST_TIMEOUT, REQUEST_TIMEOUT_ENV, RETRY_AFTER_CAP};
 use crate::net::connect;
 use crate::tls::CertError;
 
 /// Longest the name lookup and TCP connection to the CA may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest response head (status line and headers) accepted; hyper's read
+/// buffer, which must hold the whole head, is capped at this.
+const MAX_HEAD: usize = 64 * 1024;
+/// Longest response body accepted: ACME answers are small JSON documents and
+/// certificate chains of a few KiB.
+const MAX_BODY: usize = 1024 * 1024;
 
 /// The last request to the CA that failed, for the log line and `Retry-After`.
 #[derive(Debug, Clone)]
@@ -45,6 +52,9 @@ pub(super) struct Failure {
 pub(super) struct Http {
     tls: TlsConnector,
     failure: Arc<Mutex<Option<Failure>>>,
+    /// The deadline of one request, from connect to the body's last byte:
+    /// [`REQUEST_TIMEOUT`], or [`REQUEST_TIMEOUT_ENV`] in tests.
+    deadline: Duration,
 }
 
 /// `Retry-After` (seconds or an HTTP date) as a wait from now, at most
@@ -110,6 +120,7 @@ impl Http {
         Ok(Http {
             tls: TlsConnector::from(Arc::new(config)),
             failure: Arc::new(Mutex::new(None)),
+            deadline: request_deadline()?,
         })
     }
 
@@ -123,6 +134,19 @@ impl Http {
     pub(super) fn boxed(&self) -> Box<dyn HttpClient> {
         Box::new(self.clone())
     }
+}
+
+/// [`REQUEST_TIMEOUT`], unless the tests' [`REQUEST_TIMEOUT_ENV`] names
+/// another number of seconds.
+fn request_deadline() -> anyhow::Result<Duration> {
+    let Some(v) = std::env::var_os(REQUEST_TIMEOUT_ENV) else {
+        return Ok(REQUEST_TIMEOUT);
+    };
+    v.to_str()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow!("{REQUEST_TIMEOUT_ENV}={v:?} is not a number of seconds above 0"))
 }
 
 /// The system's trusted roots (what rustls-native-certs finds: SSL_CERT_FILE,
@@ -164,58 +188,109 @@ async fn send(
     }
     let host = uri.host().ok_or("the URL has no host")?;
     // An IPv6 literal is in brackets in the URL, not in the lookup or SNI.
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
     let port = uri.port_u16().unwrap_or(443);
+    let name = ServerName::try_from(bare.to_string())
+        .map_err(|e| format!("{bare:?} cannot be a TLS server name ({e})"))?;
     // The body is in memory already: collecting it cannot fail (Infallible).
     let body = match body.collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(never) => match never {},
     };
-    let request = encode_request(&parts, &body)?;
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| format!("{host:?} cannot be a TLS server name ({e})"))?;
 
     // Happy eyeballs, as for backends: an IPv6 route that drops packets costs
     // 250 ms, not the whole timeout.
-    let (tcp, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect::connect_host(host, port))
+    let (tcp, _) = tokio::time::timeout(CONNECT_TIMEOUT, connect::connect_host(bare, port))
         .await
-        .map_err(|_| format!("cannot connect to {host}:{port} within {CONNECT_TIMEOUT:?}"))?
+        .map_err(|_| format!("cannot connect to {bare}:{port} within {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;
-    let mut stream = tls
+    let stream = tls
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("TLS handshake with {host}:{port}: {}", error_chain(&e)))?;
-    stream
-        .write_all(&request)
-        .await
-        .map_err(|e| format!("sending the request: {}", error_chain(&e)))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| format!("sending the request: {}", error_chain(&e)))?;
+        .map_err(|e| format!("TLS handshake with {bare}:{port}: {}", error_chain(&e)))?;
+    exchange(stream, origin_form(parts)?, body).await
+}
 
-    let mut reader = ResponseReader::new(&parts.method);
-    let mut buf = vec![0u8; 16 * 1024];
-    // Whether the server ended with TLS close_notify (a clean end) rather
-    // than a bare TCP close, which an attacker on the path can forge.
-    let mut close_notify = true;
+/// The request as hyper's connection sends it: the target in origin form
+/// (`/path?query`), `Host` from the URL, and `Connection: close`, since each
+/// request has its own connection.
+fn origin_form(mut parts: http::request::Parts) -> Result<http::request::Parts, String> {
+    let uri = &parts.uri;
+    let host = uri.host().ok_or("the URL has no host")?;
+    let host = match uri.port_u16() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = target
+        .parse()
+        .map_err(|e| format!("invalid request target {target:?} ({e})"))?;
+    parts.headers.insert(
+        http::header::HOST,
+        http::HeaderValue::from_str(&host).map_err(|e| format!("invalid host {host:?} ({e})"))?,
+    );
+    parts.headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    parts.uri = target;
+    Ok(parts)
+}
+
+/// One HTTP/1.1 request and its whole response over `io`, by hyper: chunked
+/// or length-framed bodies; a body framed by the end of the connection is
+/// complete only with TLS close_notify (tokio-rustls reports a bare TCP close
+/// as an error). The head is capped at [`MAX_HEAD`], the body at [`MAX_BODY`].
+async fn exchange<IO>(
+    io: IO,
+    parts: http::request::Parts,
+    body: Bytes,
+) -> Result<(http::response::Parts, Bytes), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(MAX_HEAD)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("starting HTTP/1.1: {}", error_chain(&e)))?;
+    let request = Request::from_parts(parts, Full::new(body));
+    let response = async {
+        let rsp = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("no response: {}", error_chain(&e)))?;
+        let (parts, body) = rsp.into_parts();
+        let body = Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    format!("the response body is over {MAX_BODY} bytes")
+                } else {
+                    format!("reading the response body: {}", error_chain(&*e))
+                }
+            })?
+            .to_bytes();
+        Ok((parts, body))
+    };
+    // The connection is driven here, not in a task of its own, so that the
+    // caller's deadline ends it too. It may finish before the body is read
+    // (the body is buffered for us); its errors reach the response as well.
+    let mut conn = std::pin::pin!(conn);
+    let mut response = std::pin::pin!(response);
+    let mut conn_done = false;
     loop {
-        let n = match stream.read(&mut buf).await {
-            Ok(n) => n,
-            // The server closed without close_notify. Many do after
-            // `Connection: close`; finish() accepts that only for a
-            // response framed by its length or chunks.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                close_notify = false;
-                0
+        tokio::select! {
+            r = &mut response => return r,
+            c = &mut conn, if !conn_done => {
+                conn_done = true;
+                if let Err(e) = c {
+                    tracing::debug!(error = %error_chain(&e), "the connection to the ACME CA ended with an error");
+                }
             }
-            Err(e) => return Err(format!("reading the response: {}", error_chain(&e))),
-        };
-        if n == 0 || reader.feed(&buf[..n])? {
-            break;
         }
     }
-    reader.finish(close_notify)
 }
 
 impl HttpClient for Http {
@@ -226,6 +301,7 @@ impl HttpClient for Http {
         let method = req.method().clone();
         let url = req.uri().to_string();
         let fut = send(self.tls.clone(), req);
+        let deadline = self.deadline;
         let slot = self.failure.clone();
         Box::pin(async move {
             let record = |status, retry_after: Option<SystemTime>| {
@@ -238,11 +314,15 @@ impl HttpClient for Http {
                     retry_after: first.or(retry_after),
                 });
             };
-            let (parts, body) = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+            // One deadline for connect, TLS, head and body.
+            let (parts, body) = match tokio::time::timeout(deadline, fut).await {
                 Err(_) => {
                     record(None, None);
                     return Err(instant_acme::Error::Other(
-                        format!("{method} {url}: no answer within {REQUEST_TIMEOUT:?}").into(),
+                        format!(
+                            "{method} {url}: no complete answer within {deadline:?} (the deadline of one request to the CA)"
+                        )
+                        .into(),
                     ));
                 }
                 Ok(Err(e)) => {
@@ -307,5 +387,128 @@ mod tests {
         let hour = v(&in_an_hour).unwrap();
         assert!(hour <= Duration::from_secs(3600) && hour >= Duration::from_secs(3590));
         assert_eq!(v("soon"), None);
+    }
+
+    /// `exchange` against a server that reads the request and answers `rsp`
+    /// (then closes); returns the result and the request's bytes as sent.
+    async fn against(
+        req: http::Request<()>,
+        body: &'static [u8],
+        rsp: Vec<u8>,
+    ) -> (Result<(http::response::Parts, Bytes), String>, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The request is small: its head and body arrive before the answer.
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") || !seen.ends_with(body) {
+                match server.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = server.write_all(&rsp).await;
+            let _ = server.shutdown().await;
+            String::from_utf8_lossy(&seen).into_owned()
+        });
+        let (parts, ()) = req.into_parts();
+        let result = exchange(
+            client,
+            origin_form(parts).unwrap(),
+            Bytes::from_static(body),
+        )
+        .await;
+        (result, srv.await.unwrap())
+    }
+
+    fn get(uri: &str) -> http::Request<()> {
+        http::Request::get(uri).body(()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_request_is_in_origin_form_with_host_and_connection_close() {
+        let req = http::Request::post("https://ca.example.org:14000/acme/new-order?x=1")
+            .header("content-type", "application/jose+json")
+            .header("connection", "keep-alive")
+            .body(())
+            .unwrap();
+        let rsp = b"HTTP/1.1 201 Created\r\nReplay-Nonce: abc\r\nLink: <a>;rel=\"up\"\r\n\
+                    Link: <b>;rel=\"up\"\r\nContent-Length: 5\r\n\r\nhello";
+        let (result, sent) = against(req, b"{}", rsp.to_vec()).await;
+        let (parts, body) = result.unwrap();
+        assert!(
+            sent.starts_with("POST /acme/new-order?x=1 HTTP/1.1\r\n"),
+            "{sent}"
+        );
+        let sent = sent.to_ascii_lowercase();
+        for line in [
+            "host: ca.example.org:14000\r\n",
+            "connection: close\r\n",
+            "content-length: 2\r\n",
+            "content-type: application/jose+json\r\n",
+        ] {
+            assert!(sent.contains(line), "{line:?} in {sent}");
+        }
+        assert!(sent.ends_with("\r\n\r\n{}"), "{sent}");
+        assert_eq!(parts.status, StatusCode::CREATED);
+        assert_eq!(parts.headers["replay-nonce"], "abc");
+        assert_eq!(parts.headers.get_all("link").iter().count(), 2);
+        assert_eq!(&body[..], b"hello");
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_with_extensions_and_trailers_are_read() {
+        let rsp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;name=value\r\nhello\r\n7 ; ext=\"quoted;\"\r\n, world\r\n\
+            0\r\nExpires: never\r\n\r\n";
+        let (result, sent) = against(get("https://ca.example.org/dir"), b"", rsp.to_vec()).await;
+        assert!(sent.starts_with("GET /dir HTTP/1.1\r\n"), "{sent}");
+        assert_eq!(&result.unwrap().1[..], b"hello, world");
+    }
+
+    #[tokio::test]
+    async fn oversized_and_cut_short_answers_are_errors() {
+        let uri = "https://ca.example.org/";
+        let big = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY + 1
+        )
+        .into_bytes()
+        .into_iter()
+        .chain(std::iter::repeat_n(b'x', MAX_BODY + 1))
+        .collect();
+        let err = against(get(uri), b"", big).await.0.unwrap_err();
+        assert!(err.contains("body is over"), "{err}");
+
+        let chunked = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+            MAX_BODY + 1,
+            "x".repeat(MAX_BODY + 1)
+        );
+        let err = against(get(uri), b"", chunked.into_bytes())
+            .await
+            .0
+            .unwrap_err();
+        assert!(err.contains("body is over"), "{err}");
+
+        let huge_head = format!("HTTP/1.1 200 OK\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        let err = against(get(uri), b"", huge_head.into_bytes())
+            .await
+            .0
+            .unwrap_err();
+        assert!(err.contains("no response"), "{err}");
+
+        let short = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc".to_vec();
+        let err = against(get(uri), b"", short).await.0.unwrap_err();
+        assert!(err.contains("reading the response body"), "{err}");
+
+        let err = against(get(uri), b"", b"SSH-2.0-OpenSSH\r\n\r\n".to_vec())
+            .await
+            .0
+            .unwrap_err();
+        assert!(err.contains("no response"), "{err}");
+        let err = against(get(uri), b"", Vec::new()).await.0.unwrap_err();
+        assert!(err.contains("no response"), "{err}");
     }
 }

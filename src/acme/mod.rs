@@ -26,7 +26,6 @@ use crate::tls::{self, CertResolver, TlsRouter};
 pub mod state;
 
 mod client;
-mod http1;
 
 use self::client::{Failure, Http};
 
@@ -42,8 +41,12 @@ const ISSUED_FILE: &str = "issued.pem";
 const CERT_FILE: &str = "cert.pem";
 const KEY_FILE: &str = "key.pem";
 
-/// Longest a single HTTP request to the CA may take.
+/// Longest a single HTTP request to the CA may take, from connect to the
+/// body's last byte.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Tests only: this many seconds (e.g. `1.5`) instead of [`REQUEST_TIMEOUT`],
+/// so that a CA that stalls is seen to time out without a minute's wait.
+const REQUEST_TIMEOUT_ENV: &str = "TCPFWD_TEST_ACME_REQUEST_TIMEOUT";
 /// Longest one whole attempt (account, order, validation, download) may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest sleep between looks at the schedule, so clock jumps and ARI changes are noticed.
@@ -247,6 +250,24 @@ struct DirectoryInfo {
     /// The `renewalInfo` URL (ARI), if the CA offers it.
     renewal_info: Option<String>,
     fetched: SystemTime,
+    /// The whole document, from which the account is restored (so that
+    /// instant-acme does not fetch the directory a second time).
+    document: serde_json::Value,
+}
+
+/// Stored account credentials with the directory document already fetched in
+/// place of its URL, so that instant-acme restores the account without
+/// fetching the directory again (as for credentials of its versions before
+/// 0.4, which held the directory's URLs).
+fn with_directory(
+    stored: &[u8],
+    directory: &serde_json::Value,
+) -> Result<AccountCredentials, String> {
+    let mut creds: serde_json::Value = serde_json::from_slice(stored).map_err(|e| e.to_string())?;
+    let fields = creds.as_object_mut().ok_or("not a JSON object")?;
+    fields.remove("directory");
+    fields.insert("urls".into(), directory.clone());
+    serde_json::from_value(creds).map_err(|e| format!("with the directory: {e}"))
 }
 
 /// The certificate the renewal task looks after. Sent by the task after each
@@ -717,6 +738,7 @@ impl Manager {
             if panic_hook {
                 panic!("{PANIC_HOOK} is set");
             }
+            let looked = SystemTime::now();
             let reason = match self.schedule().await {
                 Next::Sleep(d) => {
                     // A reload that re-read the stored pair wakes the schedule.
@@ -729,8 +751,12 @@ impl Manager {
                 Next::Order(reason) => reason,
             };
             self.shared.http.take_failure();
-            // Each attempt reads the directory and the account afresh.
-            self.directory = None;
+            // Each attempt reads the directory and the account afresh; a
+            // directory fetched just now by this look at the schedule (for
+            // ARI) is fresh.
+            if self.directory.as_ref().is_none_or(|d| d.fetched < looked) {
+                self.directory = None;
+            }
             self.account = None;
             let result = match tokio::time::timeout(ATTEMPT_TIMEOUT, self.order(&reason)).await {
                 Ok(r) => r,
@@ -1049,6 +1075,7 @@ impl Manager {
             terms_of_service: doc["meta"]["termsOfService"].as_str().map(str::to_owned),
             renewal_info: doc["renewalInfo"].as_str().map(str::to_owned),
             fetched: SystemTime::now(),
+            document: doc,
         };
         let changed = self
             .logged_directory
@@ -1073,7 +1100,7 @@ impl Manager {
         if let Some(a) = &self.account {
             return Ok(a.clone());
         }
-        self.directory().await?;
+        let directory = self.directory().await?;
         let path = self.shared.state.path(ACCOUNT_FILE);
         let stored = self
             .shared
@@ -1084,7 +1111,13 @@ impl Manager {
             let parsed =
                 serde_json::from_slice::<AccountCredentials>(&bytes).map_err(|e| e.to_string());
             let loaded = match parsed {
-                Ok(creds) => {
+                Ok(_) => {
+                    let creds = with_directory(&bytes, &directory.document).map_err(|e| {
+                        anyhow!(
+                            "cannot restore the ACME account from {}: {e}",
+                            path.display()
+                        )
+                    })?;
                     match instant_acme::Account::builder_with_http(self.shared.http.boxed())
                         .from_credentials(creds)
                         .await
@@ -1447,6 +1480,25 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_account_is_restored_with_the_fetched_directory() {
+        let stored = br#"{"id":"https://ca.test/acct/1","key_pkcs8":"MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgJVWC_QzOTCS5vtsJp2IG-UDc8cdDfeoKtxSZxaznM-mhRANCAAQenCPoGgPFTdPJ7VLLKt56RxPlYT1wNXnHc54PEyBg3LxKaH0-sJkX0mL8LyPEdsfL_Oz4TxHkWLJGrXVtNhfH","directory":"https://ca.test/dir"}"#;
+        let doc = serde_json::json!({
+            "newNonce": "https://ca.test/nonce",
+            "newAccount": "https://ca.test/acct",
+            "newOrder": "https://ca.test/order",
+            "renewalInfo": "https://ca.test/ari",
+            "meta": { "termsOfService": "https://ca.test/tos", "profiles": { "classic": "90 days" } }
+        });
+        let creds = with_directory(stored, &doc).unwrap();
+        // instant-acme takes the URLs from here and fetches nothing.
+        let back = serde_json::to_value(&creds).unwrap();
+        assert_eq!(back["urls"]["newOrder"], "https://ca.test/order");
+        assert_eq!(back["urls"]["meta"]["profiles"]["classic"], "90 days");
+        assert!(back["directory"].is_null(), "{back}");
+        assert!(with_directory(b"[]", &doc).is_err());
+    }
+
+    #[test]
     fn durations_and_times_read_well() {
         assert_eq!(fmt_duration(Duration::from_secs(7)), "7s");
         assert_eq!(fmt_duration(Duration::from_millis(7990)), "8s");
@@ -1481,7 +1533,7 @@ mod tests {
         assert!(err.contains("no Authority Key Identifier"), "{err}");
         let err = CertInfo::from_leaf(&CertificateDer::from(vec![0x30, 0x00])).unwrap_err();
         assert!(
-            err.starts_with("the certificate cannot be parsed (tbsCertificate: "),
+            err.starts_with("the certificate cannot be parsed (certificate: "),
             "{err}"
         );
     }

@@ -300,7 +300,7 @@ mod tests {
         assert_eq!(
             describe_cert(&leaf, false, not_after - 41 * 86_400),
             "C=DE, ST=Berlin, L=Berlin, O=Example Cams, OU=Ops, CN=cams.example.org, \
-             1.2.840.113549.1.9.1=me@example.org, expires 2027-02-23 (in 41 days)"
+             Email=me@example.org, expires 2027-02-23 (in 41 days)"
         );
         assert_eq!(
             describe_cert(&leaf, true, not_after + 3 * 86_400),

@@ -354,6 +354,9 @@ pub struct Script {
     pub refusal: Option<(String, String)>,
     /// Send every body chunked.
     pub chunked: bool,
+    /// Send the directory's head and half its body, then nothing (for two
+    /// minutes, longer than any request deadline), the connection left open.
+    pub stall: bool,
 }
 
 /// A stand-in ACME CA over HTTPS, scripted to misbehave ([`Script`]); it
@@ -538,6 +541,18 @@ async fn serve_acme(
                 });
                 if script.ari.is_some() {
                     dir["renewalInfo"] = format!("{base}/renewal-info").into();
+                }
+                if script.stall {
+                    let dir = dir.to_string();
+                    let rsp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+                        dir.len(),
+                        &dir[..dir.len() / 2]
+                    );
+                    stream.get_mut().write_all(rsp.as_bytes()).await?;
+                    stream.get_mut().flush().await?;
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    return Ok(());
                 }
                 if script.directory_no_close_notify {
                     let rsp =
