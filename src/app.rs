@@ -321,6 +321,7 @@ pub async fn run_with(
         notifier: notifier.clone(),
         status: status.clone(),
     };
+    status.check_client_certs(&reloads.reloader.served.config, true);
     tracing::info!(status = %status.line(), workers, "ready");
     status.ready();
     let reloading = tokio::spawn(reloads.run());

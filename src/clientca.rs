@@ -41,6 +41,8 @@ const CRL_VALIDITY_DAYS: i64 = 3650;
 const CA_VALIDITY_DAYS: i64 = 36500;
 /// Not-before this far back, for phones whose clock is behind.
 const BACKDATE: time::Duration = time::Duration::hours(1);
+/// A certificate this close to its end is warned about (log, `STATUS=`, `list`).
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
 
 /// One issued certificate, as `issued.json` keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -68,6 +70,11 @@ impl IssuedCert {
         } else {
             "valid"
         }
+    }
+
+    /// Whether it is valid at `now` but ends within [`EXPIRY_WARNING_DAYS`].
+    pub fn expires_soon(&self, now: i64) -> bool {
+        self.status(now) == "valid" && self.not_after - now <= EXPIRY_WARNING_DAYS * 86_400
     }
 }
 
@@ -284,6 +291,74 @@ impl FamilyCa {
             .with_context(|| format!("cannot write {}", self.dir.join(name).display()))?;
         chown_to(&self.dir.join(name), self.owner)
     }
+}
+
+/// The certificates of the family CA in `dir` that are valid now but end
+/// within [`EXPIRY_WARNING_DAYS`], soonest first. Read without the lock (the
+/// list is replaced atomically); no CA yet means none.
+pub fn expiring(dir: &Path, now: i64) -> anyhow::Result<Vec<IssuedCert>> {
+    let path = dir.join(ISSUED);
+    let issued: Issued = match fs::read(&path) {
+        Ok(b) => {
+            serde_json::from_slice(&b).with_context(|| format!("{} is damaged", path.display()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut soon: Vec<IssuedCert> = issued
+        .certs
+        .into_iter()
+        .filter(|c| c.expires_soon(now))
+        .collect();
+    soon.sort_by_key(|c| c.not_after);
+    Ok(soon)
+}
+
+/// Looks for family-CA certificates near their end in `dirs`; with `log`,
+/// warns once per certificate. Returns the `STATUS=` text when there are
+/// any ("1 client certificate expires within 30 days (anna-phone)").
+pub fn expiry_warning(dirs: &[PathBuf], log: bool) -> Option<String> {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let mut names = Vec::new();
+    for dir in dirs {
+        let soon = match expiring(dir, now) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot check the family CA's certificates for expiry: {e:#}");
+                continue;
+            }
+        };
+        for c in soon {
+            if log {
+                tracing::warn!(
+                    name = %c.name,
+                    serial = %c.serial,
+                    expires = %date(c.not_after),
+                    days_left = (c.not_after - now) / 86_400,
+                    "a client certificate from the family CA expires within {EXPIRY_WARNING_DAYS} days; issue the device a new one (`tcpfwd client-cert new` under another name), install it, then revoke this one"
+                );
+            }
+            names.push(c.name);
+        }
+    }
+    match names.len() {
+        0 => None,
+        1 => Some(format!(
+            "1 client certificate expires within {EXPIRY_WARNING_DAYS} days ({})",
+            names[0]
+        )),
+        n => Some(format!(
+            "{n} client certificates expire within {EXPIRY_WARNING_DAYS} days ({})",
+            names.join(", ")
+        )),
+    }
+}
+
+/// `t` (seconds since 1970) as a date, 2027-03-01.
+fn date(t: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(t)
+        .map(|t| t.date().to_string())
+        .unwrap_or_default()
 }
 
 /// Makes the CA (if missing) so that a server start can load it and its CRL.
@@ -520,43 +595,76 @@ pub fn pkcs12(
     writer.write().context("PKCS#12: encoding")
 }
 
+/// What `client-cert new` and `serve` do besides NAME.p12.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Delivery {
+    /// Also NAME.mobileconfig (written by `new`, offered by `serve`).
+    pub mobileconfig: bool,
+    /// A one-time download link: where, and for how long.
+    pub serve: Option<(crate::download::ServeAddr, std::time::Duration)>,
+}
+
+/// Writes a new private file (0600, never over an existing one).
+fn write_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    std::io::Write::write_all(&mut f, bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// `tcpfwd client-cert new`: issues NAME's certificate, writes `NAME.p12`
-/// into `out_dir` and prints the password (once) and the install steps.
+/// (and with `delivery.mobileconfig` `NAME.mobileconfig`) into `out_dir`,
+/// prints the password (once) and the install steps, and with
+/// `delivery.serve` offers the file(s) as a one-time download link.
 pub fn cmd_new(
     state_dir: &Path,
     name: &str,
     days: u32,
     format: P12Format,
     out_dir: &Path,
+    delivery: Delivery,
 ) -> anyhow::Result<()> {
     check_name(name)?;
     let out = out_dir.join(format!("{name}.p12"));
-    if out.exists() {
-        bail!(
-            "{} exists already; move it away or give --out-dir",
-            out.display()
-        );
+    let profile_out = out_dir.join(format!("{name}.mobileconfig"));
+    for f in [&out]
+        .into_iter()
+        .chain(delivery.mobileconfig.then_some(&profile_out))
+    {
+        if f.exists() {
+            bail!(
+                "{} exists already; move it away or give --out-dir",
+                f.display()
+            );
+        }
     }
+    // Bound before anything is issued, so that a taken port costs nothing.
+    let listener = match delivery.serve {
+        Some((at, _)) => Some(crate::download::Links::bind(at)?),
+        None => None,
+    };
     let mut ca = FamilyCa::open_or_create(&state_dir.join(DIR_NAME))?;
     let new = ca.issue(name, days)?;
     let password = password()?;
     let p12 = pkcs12(name, &new.cert_der, &new.key_der, &password, format)?;
-    // 0600 and never over an existing file: it holds a private key.
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&out)
-        .with_context(|| format!("cannot create {}", out.display()))?;
-    std::io::Write::write_all(&mut f, &p12)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", out.display()))?;
-    let expires = OffsetDateTime::from_unix_timestamp(new.info.not_after)
-        .map(|t| t.date().to_string())
-        .unwrap_or_default();
+    // It holds a private key.
+    write_new(&out, &p12)?;
+    let profile = if delivery.mobileconfig {
+        let xml = crate::mobileconfig::profile(name, &p12)?;
+        write_new(&profile_out, &xml)?;
+        Some(xml)
+    } else {
+        None
+    };
     println!(
-        "Issued a client certificate for '{name}' (serial {}, valid until {expires}).",
-        new.info.serial
+        "Issued a client certificate for '{name}' (serial {}, valid until {}).",
+        new.info.serial,
+        date(new.info.not_after)
     );
     println!(
         "Wrote {} ({} PKCS#12).",
@@ -566,20 +674,100 @@ pub fn cmd_new(
             P12Format::Modern => "modern AES-256",
         }
     );
+    if profile.is_some() {
+        println!(
+            "Wrote {} (an iOS/iPadOS profile with the same certificate; it asks for the same password).",
+            profile_out.display()
+        );
+    }
+    if i64::from(days) <= EXPIRY_WARNING_DAYS {
+        println!(
+            "It is valid for {EXPIRY_WARNING_DAYS} days or less: a running tcpfwd warns about it from the start."
+        );
+    }
     println!();
     println!("  Password: {password}");
     println!();
     println!("The password is shown only now and is not stored anywhere: write it down");
     println!("for the installation, then delete {name}.p12 once it is installed.");
     println!("{INSTALL_STEPS}");
+    if let (Some(listener), Some((_, valid))) = (listener, delivery.serve) {
+        serve_files(name, listener, p12, profile, valid, out_dir)?;
+    }
     Ok(())
+}
+
+/// `tcpfwd client-cert serve`: offers `out_dir/NAME.p12` (and a profile made
+/// from it) as a one-time download link.
+pub fn cmd_serve(name: &str, out_dir: &Path, delivery: Delivery) -> anyhow::Result<()> {
+    check_name(name)?;
+    let Some((at, valid)) = delivery.serve else {
+        bail!("nowhere to serve: give a port");
+    };
+    let path = out_dir.join(format!("{name}.p12"));
+    let p12 = fs::read(&path).with_context(|| {
+        format!(
+            "cannot read {}; give --out-dir where `client-cert new` wrote it, or issue a new one",
+            path.display()
+        )
+    })?;
+    let profile = if delivery.mobileconfig {
+        Some(crate::mobileconfig::profile(name, &p12)?)
+    } else {
+        None
+    };
+    let listener = crate::download::Links::bind(at)?;
+    println!(
+        "Serving {} (its password is the one `client-cert new` printed).",
+        path.display()
+    );
+    serve_files(name, listener, p12, profile, valid, out_dir)
+}
+
+/// Serves the PKCS#12 (and the profile) until one is downloaded.
+fn serve_files(
+    name: &str,
+    listener: std::net::TcpListener,
+    p12: Vec<u8>,
+    profile: Option<Vec<u8>>,
+    valid: std::time::Duration,
+    out_dir: &Path,
+) -> anyhow::Result<()> {
+    use crate::download::{Links, Offer};
+    let mut offers = vec![Offer {
+        file_name: format!("{name}.p12"),
+        content_type: "application/x-pkcs12",
+        body: p12.into(),
+        label: "Android, desktops, or any device",
+    }];
+    if let Some(xml) = profile {
+        offers.push(Offer {
+            file_name: format!("{name}.mobileconfig"),
+            content_type: crate::mobileconfig::CONTENT_TYPE,
+            body: xml.into(),
+            label: "iPhone and iPad (open in Safari)",
+        });
+    }
+    let links = Links::new(listener, offers)?;
+    links.print(valid)?;
+    match links.serve(valid) {
+        Ok(d) => {
+            println!("{} was downloaded by {}; the link is closed.", d.file_name, d.peer);
+            Ok(())
+        }
+        Err(e) => bail!(
+            "{e:#}; {name}.p12 is still in {}: `tcpfwd client-cert serve {name} PORT` makes a new link",
+            out_dir.display()
+        ),
+    }
 }
 
 /// Per-platform steps, printed after `client-cert new` (and in the README).
 pub const INSTALL_STEPS: &str = "
 Install it on the device (send the .p12 by a private way: AirDrop, a USB cable,
-a message to yourself):
-  iPhone/iPad: open the file from Safari or Files, then Settings > General >
+a message to yourself, or --serve PORT: a one-time link on the home network):
+  iPhone/iPad: open the file (or the .mobileconfig of --mobileconfig) in
+    Safari or from Files, then Settings > General >
     VPN & Device Management (Profile Downloaded) > Install, and type the
     password. Only Safari uses it: Chrome and Firefox on iOS cannot present
     installed certificates.
@@ -599,11 +787,6 @@ The browser asks which certificate to send the first time it visits the page.";
 pub fn cmd_list(state_dir: &Path) -> anyhow::Result<()> {
     let ca = FamilyCa::open(&state_dir.join(DIR_NAME))?;
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let date = |t: i64| {
-        OffsetDateTime::from_unix_timestamp(t)
-            .map(|t| t.date().to_string())
-            .unwrap_or_default()
-    };
     let width = ca
         .issued()
         .iter()
@@ -616,12 +799,16 @@ pub fn cmd_list(state_dir: &Path) -> anyhow::Result<()> {
         "NAME", "SERIAL", "EXPIRES"
     );
     for c in ca.issued() {
+        let status = if c.expires_soon(now) {
+            format!("valid, expires in {} days", (c.not_after - now) / 86_400)
+        } else {
+            c.status(now).to_string()
+        };
         println!(
-            "{:width$}  {:32}  {:10}  {}",
+            "{:width$}  {:32}  {:10}  {status}",
             c.name,
             c.serial,
             date(c.not_after),
-            c.status(now)
         );
     }
     Ok(())

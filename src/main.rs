@@ -131,7 +131,19 @@ fn client_cert(cmd: &ClientCertCommand) -> anyhow::Result<()> {
                 clientca::P12Format::Legacy
             };
             let out = a.out_dir.clone().unwrap_or_else(|| ".".into());
-            clientca::cmd_new(&state(&a.state), &a.name, a.days, format, &out)
+            let delivery = clientca::Delivery {
+                mobileconfig: a.mobileconfig,
+                serve: a.serve.map(|at| (at, a.serve_for)),
+            };
+            clientca::cmd_new(&state(&a.state), &a.name, a.days, format, &out, delivery)
+        }
+        ClientCertCommand::Serve(a) => {
+            let out = a.out_dir.clone().unwrap_or_else(|| ".".into());
+            let delivery = clientca::Delivery {
+                mobileconfig: a.mobileconfig,
+                serve: Some((a.at, a.serve_for)),
+            };
+            clientca::cmd_serve(&a.name, &out, delivery)
         }
         ClientCertCommand::List(a) => clientca::cmd_list(&state(a)),
         ClientCertCommand::Revoke(a) => clientca::cmd_revoke(&state(&a.state), &a.name),

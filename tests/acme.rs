@@ -286,6 +286,115 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
     assert_eq!(pebble.orders(), orders);
 }
 
+/// `tcpfwd client-cert new NAME` in `state`; returns the certificate and its
+/// key as one PEM file.
+fn family_cert(state: &Path, dir: &Path, name: &str) -> std::path::PathBuf {
+    let out = Command::new(common::BIN)
+        .args(["client-cert", "new", name, "--out-dir"])
+        .arg(dir)
+        .arg("--state-dir")
+        .arg(state)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pw = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Password: "))
+        .unwrap();
+    let pem = dir.join(format!("{name}.pem"));
+    let ok = Command::new("openssl")
+        .args(["pkcs12", "-nodes", "-passin", &format!("pass:{pw}"), "-in"])
+        .arg(dir.join(format!("{name}.p12")))
+        .arg("-out")
+        .arg(&pem)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    pem
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuance_on_routes_that_require_client_certificates() {
+    require_tool("openssl");
+    let backend = backends::echo().await;
+    let mut pebble = Pebble::new(free_port(), None);
+    pebble.start();
+    let tmp = TempDir::new("acme-client-auth");
+    let state = tmp.join("state");
+    let pem = family_cert(&state, tmp.path(), "anna-phone");
+    let mut args = tcpfwd_args(&pebble, &state, backend);
+    args.extend(["--client-auth".to_string(), "family".to_string()]);
+    let fwd = start(&args);
+    // Pebble's TLS-ALPN-01 validation (an acme-tls/1 ClientHello with no
+    // client certificate) got the challenge certificate on the validation port.
+    let ev = fwd.wait_for(issued, 1, ISSUE).remove(0);
+    let fp = ev["sha256"].as_str().unwrap().to_string();
+    fwd.wait_for(
+        |e| msg(e) == "connection closed" && e["reason"] == "acme challenge answered",
+        1,
+        Duration::from_secs(20),
+    );
+
+    for i in 0..2 {
+        // No certificate: refused before the backend.
+        let refused = match tls_connect(accept_anything_config(), fwd.addr(i), NAMES[0]).await {
+            Err(_) => true,
+            Ok(mut s) => {
+                // TLS 1.3: the client's Finished goes out before the server's verdict.
+                let _ = s.write_all(b"ping").await;
+                let mut buf = [0u8; 4];
+                !matches!(
+                    tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut buf)).await,
+                    Ok(Ok(_))
+                )
+            }
+        };
+        assert!(
+            refused,
+            "map {i}: a connection without a client certificate got through"
+        );
+        // With the family's certificate: served, with Pebble's certificate.
+        let mut tls = tls_connect(
+            pebble::accept_anything_with_client_cert(&pem),
+            fwd.addr(i),
+            NAMES[1],
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            fingerprint(tls.get_ref().1.peer_certificates().unwrap()[0].as_ref()),
+            fp
+        );
+        tls.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(20), tls.read_exact(&mut back))
+            .await
+            .expect("an echo within 20s")
+            .unwrap();
+        assert_eq!(&back, b"ping");
+    }
+    let rejected = fwd.wait_for(
+        |e| msg(e) == "connection closed" && e["reason"] == "client certificate rejected",
+        2,
+        Duration::from_secs(20),
+    );
+    assert!(rejected[0]["detail"]
+        .as_str()
+        .unwrap_or("")
+        .contains("peer sent no certificates"));
+    fwd.wait_for(
+        |e| msg(e) == "connection closed" && e["client_cn"] == "anna-phone",
+        1,
+        Duration::from_secs(20),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_with_a_third_of_the_lifetime_left_keeps_an_open_transfer_going() {
     let backend = backends::echo().await;

@@ -547,3 +547,394 @@ async fn proxy_v2_header_carries_the_client_cn_and_verified() {
     assert!(text.contains("anna-phone"), "{text}");
     drop(fwd);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_near_its_end_is_warned_about_in_the_log_status_and_list() {
+    use common::systemd::{field, NotifySocket};
+    common::require_tool("openssl");
+    let tmp = TempDir::new("ccert-expiry");
+    let state = tmp.join("state");
+    let (ok, out) = client_cert(
+        &state,
+        &[
+            "new",
+            "short-phone",
+            "--days",
+            "10",
+            "--out-dir",
+            tmp.path().to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("valid for 30 days or less"), "{out}");
+    issue(&state, tmp.path(), "long-phone", &[]);
+    let (ok, list) = client_cert(&state, &["list"]);
+    assert!(ok, "{list}");
+    let line = |name: &str| {
+        list.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} not in {list}"))
+            .to_string()
+    };
+    assert!(
+        line("short-phone").ends_with("valid, expires in 9 days"),
+        "{list}"
+    );
+    assert!(line("long-phone").ends_with("  valid"), "{list}");
+
+    let backend = backends::echo().await;
+    let notify = NotifySocket::new();
+    let mut cmd = Tcpfwd::command();
+    cmd.args([
+        "--map",
+        &format!("127.0.0.1:0:{backend}"),
+        "--client-auth",
+        "family",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ])
+    .env("NOTIFY_SOCKET", notify.env_value());
+    let fwd = Tcpfwd::spawn(cmd);
+    let warned = |e: &serde_json::Value| {
+        msg(e).starts_with("a client certificate from the family CA expires within 30 days")
+    };
+    let w = fwd.wait_for_async(warned, 1, T).await.remove(0);
+    assert_eq!(w["level"], "WARN");
+    assert_eq!(w["name"], "short-phone");
+    assert_eq!(w["serial"].as_str().unwrap().len(), 32);
+    assert_eq!(w["days_left"], 9);
+    assert!(w["expires"].as_str().unwrap().starts_with("20"), "{w}");
+    let warning = "WARNING: 1 client certificate expires within 30 days (short-phone)";
+    let ready = notify
+        .wait_for_async(|m| m.starts_with("READY=1"), 1, T)
+        .await;
+    let status = field(&ready[0], "STATUS").unwrap();
+    assert!(status.contains(warning), "{status}");
+    assert!(!status.contains("long-phone"), "{status}");
+
+    // Again after a reload.
+    fwd.signal(libc::SIGHUP);
+    fwd.wait_for_async(warned, 2, T).await;
+    let ready = notify
+        .wait_for_async(|m| m.starts_with("READY=1"), 2, T)
+        .await;
+    assert!(field(&ready[1], "STATUS").unwrap().contains(warning));
+
+    // Revoked, it is no longer about to expire: STATUS= says so without a reload.
+    assert!(client_cert(&state, &["revoke", "short-phone"]).0);
+    notify
+        .wait_for_async(
+            |m| m.starts_with("STATUS=Serving") && !m.contains("client certificate"),
+            1,
+            T,
+        )
+        .await;
+    assert_eq!(fwd.events().iter().filter(|e| warned(e)).count(), 2);
+    drop(fwd);
+}
+
+/// A `client-cert` command left running (one serving a link), its output
+/// collected as it comes; killed by PID on drop.
+struct Running {
+    child: std::process::Child,
+    out: Arc<std::sync::Mutex<String>>,
+    err: Arc<std::sync::Mutex<String>>,
+}
+
+impl Running {
+    fn start(state: Option<&Path>, args: &[&str]) -> Running {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("client-cert").args(args);
+        if let Some(s) = state {
+            cmd.arg("--state-dir").arg(s);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |r: Box<dyn std::io::Read + Send>| {
+            let buf = Arc::new(std::sync::Mutex::new(String::new()));
+            let b = buf.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(r).lines() {
+                    let Ok(line) = line else { break };
+                    let mut b = b.lock().unwrap();
+                    b.push_str(&line);
+                    b.push('\n');
+                }
+            });
+            buf
+        };
+        let out = collect(Box::new(child.stdout.take().unwrap()));
+        let err = collect(Box::new(child.stderr.take().unwrap()));
+        Running { child, out, err }
+    }
+
+    fn stdout(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    /// The rest of the stdout line that starts with `prefix`, once printed.
+    fn wait_line(&self, prefix: &str) -> String {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            if let Some(rest) = self
+                .stdout()
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(prefix))
+            {
+                return rest.to_string();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no line {prefix:?} in:\n{}\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                // The readers may lag behind the exit.
+                std::thread::sleep(Duration::from_millis(100));
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running:\n{}\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl -k URL`, saving the body to `body` and the headers to `body.headers`;
+/// returns (HTTP status, or 0 when there was no answer; the headers, lower case).
+fn curl_get(url: &str, body: &Path) -> (u16, String) {
+    let headers = body.with_extension("headers");
+    let out = Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "10", "-w", "%{http_code}", "-o"])
+        .arg(body)
+        .arg("-D")
+        .arg(&headers)
+        .arg(url)
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let headers = std::fs::read_to_string(&headers)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    (code, headers)
+}
+
+/// The PKCS#12 data of the first payload of a .mobileconfig, read by python3's plistlib.
+fn plist_pkcs12(profile: &Path) -> (Vec<u8>, String) {
+    let script = "import plistlib,sys\n\
+        p = plistlib.load(open(sys.argv[1], 'rb'))\n\
+        c = p['PayloadContent'][0]\n\
+        assert p['PayloadType'] == 'Configuration', p\n\
+        assert c['PayloadType'] == 'com.apple.security.pkcs12', c\n\
+        assert 'Password' not in c, c\n\
+        sys.stderr.write(p['PayloadDisplayName'] + '|' + p['PayloadIdentifier'] + '|' + c['PayloadUUID'])\n\
+        sys.stdout.buffer.write(c['PayloadContent'])\n";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(profile)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    (out.stdout, err)
+}
+
+/// The SHA-256 fingerprint of the certificate served at `addr`, as openssl prints it.
+fn served_sha256(addr: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {addr} </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256"
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .rsplit('=')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn new_serve_offers_a_one_time_link_with_its_qr_code_and_an_ios_profile() {
+    common::require_tool("openssl");
+    common::require_tool("curl");
+    common::require_tool("python3");
+    let tmp = TempDir::new("ccert-serve");
+    let state = tmp.join("state");
+    let dir = tmp.path().to_str().unwrap();
+    let mut new = Running::start(
+        Some(&state),
+        &[
+            "new",
+            "anna-phone",
+            "--out-dir",
+            dir,
+            "--mobileconfig",
+            "--serve",
+            "127.0.0.1:0",
+        ],
+    );
+    let p12_url = new.wait_line("Download link for anna-phone.p12: ");
+    let profile_url = new.wait_line("Download link for anna-phone.mobileconfig: ");
+    let pw = new.wait_line("Password: ");
+    let out = new.stdout();
+    // The QR codes: half blocks, and the links printed with them.
+    assert!(
+        out.contains('\u{2580}') && out.contains('\u{2584}'),
+        "{out}"
+    );
+    assert!(out.contains(&p12_url) && out.contains(&profile_url));
+    let addr = p12_url
+        .strip_prefix("https://")
+        .and_then(|r| r.split_once('/'))
+        .unwrap()
+        .0
+        .to_string();
+    let (_, token) = p12_url.rsplit_once('/').unwrap();
+    assert!(token.len() >= 22, "a token of 128 bits at least: {token}");
+    assert_ne!(p12_url, profile_url);
+    // The fingerprint printed is the served certificate's.
+    let fp = served_sha256(&addr);
+    assert!(out.contains(&format!("SHA-256 {fp}")), "{fp} not in {out}");
+
+    // A wrong token: 404, logged, and nothing used up.
+    let wrong = tmp.join("wrong");
+    let (code, _) = curl_get(&format!("https://{addr}/AAAAAAAAAAAAAAAAAAAAAA"), &wrong);
+    assert_eq!(code, 404);
+    let deadline = std::time::Instant::now() + T;
+    while !new.stderr().contains("asked for a wrong link") {
+        assert!(std::time::Instant::now() < deadline, "{}", new.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        new.child.try_wait().unwrap().is_none(),
+        "a wrong token ended it"
+    );
+
+    // The download: the file's very bytes, as a PKCS#12 that opens with the password.
+    let got = tmp.join("got.p12");
+    let (code, headers) = curl_get(&p12_url, &got);
+    assert_eq!(code, 200, "{headers}");
+    assert!(
+        headers.contains("content-type: application/x-pkcs12"),
+        "{headers}"
+    );
+    assert!(
+        headers.contains("content-disposition: attachment; filename=\"anna-phone.p12\""),
+        "{headers}"
+    );
+    let written = std::fs::read(tmp.join("anna-phone.p12")).unwrap();
+    assert_eq!(std::fs::read(&got).unwrap(), written);
+    let (ok, info) = openssl(&[
+        "pkcs12",
+        "-info",
+        "-legacy",
+        "-in",
+        got.to_str().unwrap(),
+        "-passin",
+        &format!("pass:{pw}"),
+        "-nokeys",
+    ]);
+    assert!(ok && info.contains("subject=CN = anna-phone"), "{info}");
+    // Done after one download: exit 0, and the links are gone.
+    assert!(new.wait_exit().success(), "{}", new.stderr());
+    assert!(new
+        .stdout()
+        .contains("anna-phone.p12 was downloaded by 127.0.0.1:"));
+    let (code, _) = curl_get(&p12_url, &tmp.join("again"));
+    assert_ne!(code, 200, "a second download");
+    let (code, _) = curl_get(&profile_url, &tmp.join("again"));
+    assert_ne!(code, 200, "the other link after the download");
+
+    // The profile `new` wrote: a real plist, the PKCS#12 in it, no password.
+    let profile = tmp.join("anna-phone.mobileconfig");
+    let (data, names) = plist_pkcs12(&profile);
+    assert_eq!(data, written);
+    assert!(names.starts_with("tcpfwd: anna-phone|"), "{names}");
+    assert!(!String::from_utf8_lossy(&std::fs::read(&profile).unwrap()).contains(&pw));
+
+    // `serve` offers the existing file again; this time the profile is taken.
+    let mut serve = Running::start(
+        None,
+        &[
+            "serve",
+            "anna-phone",
+            "127.0.0.1:0",
+            "--out-dir",
+            dir,
+            "--mobileconfig",
+        ],
+    );
+    let url = serve.wait_line("Download link for anna-phone.mobileconfig: ");
+    let got = tmp.join("got.mobileconfig");
+    let (code, headers) = curl_get(&url, &got);
+    assert_eq!(code, 200, "{headers}");
+    assert!(
+        headers.contains("content-type: application/x-apple-aspen-config"),
+        "{headers}"
+    );
+    assert!(
+        headers.contains("filename=\"anna-phone.mobileconfig\""),
+        "{headers}"
+    );
+    let (data, served_names) = plist_pkcs12(&got);
+    assert_eq!(data, written);
+    assert_ne!(served_names, names, "fresh identifiers for each profile");
+    assert!(serve.wait_exit().success(), "{}", serve.stderr());
+
+    // Unused, the link expires: non-zero, one line saying so.
+    let mut unused = Running::start(
+        None,
+        &[
+            "serve",
+            "anna-phone",
+            "127.0.0.1:0",
+            "--out-dir",
+            dir,
+            "--serve-for",
+            "1s",
+        ],
+    );
+    unused.wait_line("Download link for anna-phone.p12: ");
+    let status = unused.wait_exit();
+    assert!(!status.success());
+    let err = unused.stderr();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("the download link expired unused after 1 second"),
+        "{err}"
+    );
+}

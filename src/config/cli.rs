@@ -144,7 +144,11 @@ pub enum ClientCertCommand {
     /// Issue a client certificate NAME.p12 (the family CA is created on
     /// first use); its password is printed once and never stored.
     New(NewCertArgs),
-    /// List issued certificates: name, serial, expiry and status.
+    /// Serve NAME.p12 (written by `new` earlier) once more as a one-time
+    /// download link on the LAN, like `new --serve`.
+    Serve(ServeCertArgs),
+    /// List issued certificates: name, serial, expiry and status (and which
+    /// expire within 30 days).
     List(StateArgs),
     /// Revoke NAME's certificate: the CRL is re-signed, a running tcpfwd
     /// refuses it within seconds and closes its open connections.
@@ -177,10 +181,52 @@ pub struct NewCertArgs {
     /// Directory to write NAME.p12 to [default: the current directory].
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
+    /// Also write NAME.mobileconfig: an iOS/iPadOS profile holding the
+    /// PKCS#12 (not its password, which the device asks for).
+    #[arg(long)]
+    pub mobileconfig: bool,
+    /// Then serve the file(s) once over HTTPS on this port of the LAN address
+    /// (the default route's interface), or on ADDR:PORT, and print the link
+    /// as a QR code; ends after one download or --serve-for.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    pub serve: Option<ServeAddr>,
+    /// How long the download link is valid (at most 10m).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = serve_for, requires = "serve")]
+    pub serve_for: std::time::Duration,
     /// Where the family CA lives.
     #[command(flatten)]
     pub state: StateArgs,
 }
+
+/// `client-cert serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeCertArgs {
+    /// The name given to `client-cert new`.
+    pub name: String,
+    /// The port on the LAN address (the default route's interface), or ADDR:PORT.
+    #[arg(value_name = "[ADDR:]PORT")]
+    pub at: ServeAddr,
+    /// Directory that holds NAME.p12 [default: the current directory].
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Offer an iOS/iPadOS profile (NAME.mobileconfig) as a second link.
+    #[arg(long)]
+    pub mobileconfig: bool,
+    /// How long the download link is valid (at most 10m).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = serve_for)]
+    pub serve_for: std::time::Duration,
+}
+
+/// A link's life: a duration of at most ten minutes.
+fn serve_for(s: &str) -> Result<std::time::Duration, String> {
+    let d = s.parse::<crate::config::duration::Duration>()?.0;
+    if d.is_zero() || d > crate::download::MAX_VALID {
+        return Err(format!("'{s}' is not between 1s and 10m"));
+    }
+    Ok(d)
+}
+
+pub use crate::download::ServeAddr;
 
 /// `client-cert revoke`.
 #[derive(Debug, Clone, Args)]

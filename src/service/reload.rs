@@ -110,6 +110,10 @@ pub fn crl_stamps(config: &Config) -> HashMap<PathBuf, Option<Stamp>> {
         .collect()
 }
 
+/// How often family-CA client certificates near their end are warned about
+/// again (besides at start and at every reload).
+const CLIENT_CERT_CHECK: Duration = Duration::from_secs(86_400);
+
 /// How long a removed frontend's sockets may take to close on every worker.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -444,6 +448,8 @@ struct StatusInner {
     reload_error: Mutex<Option<String>>,
     /// The ACME task's warning (a certificate near expiry, unrenewed).
     acme_warning: Mutex<Option<String>>,
+    /// Family-CA client certificates near their end.
+    client_certs: Mutex<Option<String>>,
 }
 
 impl Status {
@@ -462,6 +468,7 @@ impl Status {
                 maps: Mutex::new(maps),
                 reload_error: Mutex::new(None),
                 acme_warning: Mutex::new(None),
+                client_certs: Mutex::new(None),
             }),
         }
     }
@@ -472,6 +479,10 @@ impl Status {
         let maps = i.maps.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let line = notify::status_line(&maps, &i.resolver.current(), i.self_signed);
         let line = match &*i.acme_warning.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(w) => format!("{line} (WARNING: {w})"),
+            None => line,
+        };
+        let line = match &*i.client_certs.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(w) => format!("{line} (WARNING: {w})"),
             None => line,
         };
@@ -488,6 +499,17 @@ impl Status {
             .acme_warning
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = w;
+    }
+
+    /// Looks again for family-CA client certificates near their end (`log`:
+    /// warn about each in the log too) and keeps the count for the line.
+    pub fn check_client_certs(&self, config: &Config, log: bool) {
+        let dirs = app::family_dirs(config);
+        *self
+            .inner
+            .client_certs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = crate::clientca::expiry_warning(&dirs, log);
     }
 
     /// Sends the current line as `STATUS=`.
@@ -542,13 +564,27 @@ impl Reloads {
     pub async fn run(mut self) {
         let mut poll = tokio::time::interval(CRL_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let start = tokio::time::Instant::now();
+        let mut daily = tokio::time::interval_at(start + CLIENT_CERT_CHECK, CLIENT_CERT_CHECK);
+        daily.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let hangup = tokio::select! {
                 h = self.hangups.0.recv() => h,
                 _ = poll.tick() => {
-                    if let Err(e) = self.reloader.check_crls(false) {
-                        tracing::error!("{e:#}");
+                    match self.reloader.check_crls(false) {
+                        // A revocation may have taken a certificate off the list.
+                        Ok(true) => {
+                            self.status.check_client_certs(&self.reloader.served.config, false);
+                            self.status.send();
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::error!("{e:#}"),
                     }
+                    continue;
+                }
+                _ = daily.tick() => {
+                    self.status.check_client_certs(&self.reloader.served.config, true);
+                    self.status.send();
                     continue;
                 }
             };
@@ -588,6 +624,8 @@ impl Reloads {
             if let Err(e) = self.reloader.check_crls(true) {
                 tracing::error!("{e:#}");
             }
+            self.status
+                .check_client_certs(&self.reloader.served.config, true);
             self.status.ready();
         }
     }

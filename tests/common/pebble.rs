@@ -324,6 +324,27 @@ pub fn accept_anything_config() -> Arc<rustls::ClientConfig> {
     )
 }
 
+/// `accept_anything_config` presenting the client certificate and key in the PEM file `pem`.
+pub fn accept_anything_with_client_cert(pem: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls::pki_types::CertificateDer::pem_file_iter(pem)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(pem).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
+            .with_client_auth_cert(certs, key)
+            .unwrap(),
+    )
+}
+
 /// SHA-256 of a certificate as `AB:CD:...`, the form tcpfwd logs.
 pub fn fingerprint(der: &[u8]) -> String {
     aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
