@@ -18,9 +18,9 @@ use std::path::PathBuf;
 
 use super::map::{parse_route_name, valid_hostname};
 use super::{
-    AcmeConfig, Backend, CertPair, CertSource, CipherPreference, ClientAuth, Config, Duration, Eab,
-    Frontend, HmacKey, Listen, LogFormat, Logging, Origin, ProxyProtocol, Route, Secret, SniName,
-    Timeouts, LETS_ENCRYPT, LETS_ENCRYPT_STAGING,
+    AcmeConfig, Backend, CertPair, CertSource, CipherPreference, ClientAuth, Config, ControlSocket,
+    Duration, Eab, Frontend, HmacKey, Listen, LogFormat, Logging, Origin, ProxyProtocol, Route,
+    Secret, SniName, Timeouts, LETS_ENCRYPT, LETS_ENCRYPT_STAGING,
 };
 use crate::policy::{AccessList, BanRules, Cidr, SourceLimits, SourcePolicy};
 
@@ -178,6 +178,8 @@ pub struct Layer {
     pub refusal_log_interval: Option<Duration>,
     /// Metrics endpoint.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The control socket for `tcpfwd status`.
+    pub control: Option<PathBuf>,
     /// The file, for the file's layer.
     pub file: Option<PathBuf>,
 }
@@ -298,6 +300,16 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
             format: cli.log_format.or(file.log_format),
         },
         metrics: cli.metrics.or(file.metrics),
+        control: match cli.control.as_ref().or(file.control.as_ref()) {
+            Some(path) => ControlSocket {
+                path: path.clone(),
+                explicit: true,
+            },
+            None => ControlSocket {
+                path: default_control_path(),
+                explicit: false,
+            },
+        },
         file: file.file.clone(),
         sources,
     })
@@ -401,6 +413,21 @@ fn state_dir(file: &Layer, cli: &Layer) -> PathBuf {
         Some(d) => d.clone(),
         None => default_state_dir(),
     }
+}
+
+/// The control socket `tcpfwd status` asks: `control` in
+/// `$RUNTIME_DIRECTORY` (the first of systemd's list), else
+/// /run/tcpfwd/control.
+pub fn default_control_path() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("/run/tcpfwd"))
+        .join("control")
 }
 
 /// `$STATE_DIRECTORY` (the first of systemd's list), else /var/lib/tcpfwd.
