@@ -279,7 +279,10 @@ pub async fn run_with(
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-    let control = control::bind(&prepared.served.config.control)?.map(Arc::new);
+    let control = match &prepared.served.config.control {
+        Some(c) => control::bind(c)?.map(Arc::new),
+        None => None,
+    };
     let notifier = systemd.notifier;
     let server = Server::start(prepared.listeners, prepared.ctx.clone(), limits)
         .context("starting the worker threads")?;

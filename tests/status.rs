@@ -214,6 +214,65 @@ fn no_instance_is_one_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_socket_is_in_the_runtime_directory() {
+    let pki = Pki::new();
+    let echo = backends::echo().await;
+    let dir = open_dir("status-runtime");
+    let mut cmd = Tcpfwd::command();
+    cmd.args([
+        "--map",
+        &format!("127.0.0.1:0:{echo}"),
+        "--cert",
+        pki.cert.to_str().unwrap(),
+        "--key",
+        pki.key.to_str().unwrap(),
+    ])
+    .env("RUNTIME_DIRECTORY", dir.path());
+    let fwd = Tcpfwd::spawn(cmd);
+    let ready = fwd.wait_for(|e| msg(e) == "control socket open for tcpfwd status", 1, T);
+    assert_eq!(ready[0]["path"], dir.join("control").to_str().unwrap());
+    fwd.wait_for(|e| msg(e) == "ready", 1, T);
+    // `tcpfwd status` finds it there too, with no option.
+    let out = tokio::task::block_in_place(|| {
+        Command::new(BIN)
+            .args(["status", "--json"])
+            .env("RUNTIME_DIRECTORY", dir.path())
+            .env_remove("TCPFWD_CONFIG")
+            .output()
+            .unwrap()
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pid"], fwd.pid());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_by_hand_there_is_none_unless_asked() {
+    let pki = Pki::new();
+    let echo = backends::echo().await;
+    let mut cmd = Tcpfwd::command();
+    cmd.args([
+        "--map",
+        &format!("127.0.0.1:0:{echo}"),
+        "--cert",
+        pki.cert.to_str().unwrap(),
+        "--key",
+        pki.key.to_str().unwrap(),
+    ])
+    .env_remove("RUNTIME_DIRECTORY");
+    let fwd = Tcpfwd::spawn(cmd);
+    fwd.wait_for(|e| msg(e) == "ready", 1, T);
+    assert!(
+        !fwd.events()
+            .iter()
+            .any(|e| msg(e).contains("control socket")),
+        "{}",
+        fwd.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_leftover_is_replaced_and_a_live_one_is_not() {
     let pki = Pki::new();
     let echo = backends::echo().await;

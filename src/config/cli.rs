@@ -85,7 +85,8 @@ SYSTEMD:
 STATUS:
   tcpfwd status (--json for the document) asks the running instance over its
   control socket: control in $RUNTIME_DIRECTORY when systemd sets it (the
-  unit's RuntimeDirectory=tcpfwd), else /run/tcpfwd/control, or --control.
+  unit's RuntimeDirectory=tcpfwd: /run/tcpfwd/control, which is also where
+  tcpfwd status looks by default), or the --control PATH given to both.
   The socket is mode 0600: only root and tcpfwd's own user may ask.
 
 EXIT STATUS:
@@ -308,9 +309,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<std::net::SocketAddr>,
 
-    /// The control socket `tcpfwd status` asks (only root and tcpfwd's own
-    /// user may) [default: control in $RUNTIME_DIRECTORY when systemd sets
-    /// it, else /run/tcpfwd/control].
+    /// Open a control socket here for `tcpfwd status` (only root and
+    /// tcpfwd's own user may use it) [default: control in $RUNTIME_DIRECTORY
+    /// when systemd sets it (RuntimeDirectory=), else none].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 

@@ -301,14 +301,14 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
         },
         metrics: cli.metrics.or(file.metrics),
         control: match cli.control.as_ref().or(file.control.as_ref()) {
-            Some(path) => ControlSocket {
+            Some(path) => Some(ControlSocket {
                 path: path.clone(),
                 explicit: true,
-            },
-            None => ControlSocket {
-                path: default_control_path(),
+            }),
+            None => runtime_directory().map(|dir| ControlSocket {
+                path: dir.join(CONTROL_NAME),
                 explicit: false,
-            },
+            }),
         },
         file: file.file.clone(),
         sources,
@@ -415,19 +415,26 @@ fn state_dir(file: &Layer, cli: &Layer) -> PathBuf {
     }
 }
 
-/// The control socket `tcpfwd status` asks: `control` in
-/// `$RUNTIME_DIRECTORY` (the first of systemd's list), else
-/// /run/tcpfwd/control.
+/// The control socket's name in the runtime directory.
+const CONTROL_NAME: &str = "control";
+
+/// `$RUNTIME_DIRECTORY`, the first of systemd's list, when systemd gave one.
+fn runtime_directory() -> Option<PathBuf> {
+    std::env::var_os("RUNTIME_DIRECTORY").and_then(|v| {
+        v.to_str()
+            .and_then(|s| s.split(':').next())
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
+/// The control socket `tcpfwd status` asks by default: `control` in
+/// `$RUNTIME_DIRECTORY`, else /run/tcpfwd/control (where the shipped unit's
+/// `RuntimeDirectory=tcpfwd` puts it).
 pub fn default_control_path() -> PathBuf {
-    std::env::var_os("RUNTIME_DIRECTORY")
-        .and_then(|v| {
-            v.to_str()
-                .and_then(|s| s.split(':').next())
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-        })
+    runtime_directory()
         .unwrap_or_else(|| PathBuf::from("/run/tcpfwd"))
-        .join("control")
+        .join(CONTROL_NAME)
 }
 
 /// `$STATE_DIRECTORY` (the first of systemd's list), else /var/lib/tcpfwd.

@@ -316,8 +316,9 @@ pub struct Control {
 }
 
 /// Opens the control socket at `c.path`, replacing a stale one left by a
-/// crash. Errors stop start-up when the path was chosen; for the default a
-/// warning says why there is none and the server goes on without it.
+/// crash. Errors stop start-up when the path was chosen; in systemd's
+/// runtime directory a warning says why there is none and the server goes
+/// on without it.
 pub fn bind(c: &ControlSocket) -> anyhow::Result<Option<Control>> {
     match try_bind(&c.path) {
         Ok(control) => Ok(Some(control)),

@@ -136,7 +136,9 @@ impl Reloader {
                 "the metrics address changed; the endpoint stays where it is until a restart"
             );
         }
-        if new.control.path != self.served.config.control.path {
+        if new.control.as_ref().map(|c| &c.path)
+            != self.served.config.control.as_ref().map(|c| &c.path)
+        {
             tracing::warn!(
                 "the control socket's path changed; it stays where it is until a restart"
             );

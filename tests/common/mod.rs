@@ -152,12 +152,7 @@ struct Log {
 pub struct Tcpfwd {
     pub child: Child,
     log: Arc<Log>,
-    /// Its own `RUNTIME_DIRECTORY` (see `command`), removed on drop.
-    runtime_dir: Option<PathBuf>,
 }
-
-/// The prefix of the runtime directories `Tcpfwd::command` hands out.
-const RUNTIME_PREFIX: &str = "tcpfwd-test-run-";
 
 impl Tcpfwd {
     /// A command for the binary with JSON logs; add arguments, then `spawn`.
@@ -165,17 +160,6 @@ impl Tcpfwd {
         let mut cmd = Command::new(BIN);
         cmd.args(["--log-format", "json", "--log-level", "debug"]);
         cmd.env_remove("RUST_LOG");
-        // A runtime directory of its own, for its default control socket:
-        // tests never meet in /run/tcpfwd.
-        static N: AtomicU32 = AtomicU32::new(0);
-        cmd.env(
-            "RUNTIME_DIRECTORY",
-            std::env::temp_dir().join(format!(
-                "{RUNTIME_PREFIX}{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            )),
-        );
         cmd
     }
 
@@ -193,16 +177,6 @@ impl Tcpfwd {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let runtime_dir = cmd
-            .get_envs()
-            .find(|(k, _)| *k == "RUNTIME_DIRECTORY")
-            .and_then(|(_, v)| v)
-            .map(PathBuf::from)
-            .filter(|d| {
-                d.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(RUNTIME_PREFIX))
-            });
         let mut child = cmd.spawn().expect("start tcpfwd");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Log::default());
@@ -220,11 +194,7 @@ impl Tcpfwd {
                 l.changed.notify_all();
             }
         });
-        Tcpfwd {
-            child,
-            log,
-            runtime_dir,
-        }
+        Tcpfwd { child, log }
     }
 
     pub fn pid(&self) -> i32 {
@@ -347,9 +317,6 @@ impl Drop for Tcpfwd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(d) = &self.runtime_dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
     }
 }
 
