@@ -16,6 +16,7 @@ use crate::net::sys;
 use crate::policy::Gate;
 use crate::proxy::forward::Context;
 use crate::proxy::routes::{FrontendHandle, RouteTable, TableBuilder};
+use crate::service::control;
 use crate::service::metrics::{self, Metrics};
 use crate::service::notify::Notifier;
 use crate::service::reload::{Hangups, Reloader, Reloads, Status};
@@ -278,6 +279,10 @@ pub async fn run_with(
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
+    let control = match &prepared.served.config.control {
+        Some(c) => control::bind(c)?.map(Arc::new),
+        None => None,
+    };
     let notifier = systemd.notifier;
     let server = Server::start(prepared.listeners, prepared.ctx.clone(), limits)
         .context("starting the worker threads")?;
@@ -287,6 +292,21 @@ pub async fn run_with(
         matches!(prepared.served.config.cert, CertSource::SelfSigned { .. }),
         prepared.served.status_maps(&server.handle()),
     );
+    let report = control::State::new(
+        prepared.served.frontends.clone(),
+        server.handle(),
+        prepared.served.resolver.clone(),
+        match (&prepared.served.config.cert, &prepared.acme) {
+            (CertSource::Acme(a), Some(task)) => Some((a.domains.clone(), task.metrics())),
+            _ => None,
+        },
+        prepared.served.gate.clone(),
+    );
+    let control_task = control.clone().map(|c| {
+        tracing::info!(path = %c.path().display(), "control socket open for tcpfwd status");
+        let report = report.clone();
+        tokio::spawn(async move { c.serve(report).await })
+    });
     // The listeners are up, so the CA's validation can reach them.
     let acme_current = prepared.acme.as_ref().map(|t| t.current());
     if let Some(task) = prepared.acme {
@@ -320,6 +340,7 @@ pub async fn run_with(
         },
         notifier: notifier.clone(),
         status: status.clone(),
+        report,
     };
     status.check_client_certs(&reloads.reloader.served.config, true);
     tracing::info!(status = %status.line(), workers, "ready");
@@ -340,6 +361,12 @@ pub async fn run_with(
     summaries.abort();
     if let Some(t) = metrics_task {
         t.abort();
+    }
+    if let Some(t) = control_task {
+        t.abort();
+    }
+    if let Some(c) = control {
+        c.remove();
     }
     Ok(())
 }

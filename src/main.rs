@@ -4,10 +4,10 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use tcpfwd::clientca;
-use tcpfwd::config::cli::{Cli, ClientCertCommand, Command, StateArgs};
+use tcpfwd::config::cli::{Cli, ClientCertCommand, Command, StateArgs, StatusArgs};
 use tcpfwd::config::{file, layer, Config};
 use tcpfwd::net::activation;
-use tcpfwd::service::{logging, notify, shutdown};
+use tcpfwd::service::{control, logging, notify, shutdown};
 use tcpfwd::{app, tls};
 
 /// Bad arguments, configuration, certificates or keys: the user must change something.
@@ -25,6 +25,9 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         };
+    }
+    if let Some(Command::Status(a)) = &cli.command {
+        return status(a);
     }
     let args = cli.args();
     let cli_layer = match args.to_layer() {
@@ -116,6 +119,45 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::from(EXIT_FAILURE)
             }
+        }
+    }
+}
+
+/// `tcpfwd status`: asks the running instance and prints its answer.
+fn status(a: &StatusArgs) -> ExitCode {
+    let from_file = match (&a.control, &a.config) {
+        (None, Some(path)) => match file::load(path) {
+            Ok(l) => l.control,
+            Err(msg) => {
+                eprintln!("tcpfwd: error: {msg}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        _ => None,
+    };
+    let path = a
+        .control
+        .clone()
+        .or(from_file)
+        .unwrap_or_else(layer::default_control_path);
+    match control::query(&path) {
+        Ok(report) if a.json => match serde_json::to_string_pretty(&report) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tcpfwd: error: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        Ok(report) => {
+            print!("{}", control::render(&report));
+            ExitCode::SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("tcpfwd: error: {msg}");
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

@@ -173,7 +173,13 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
     let args = tcpfwd_args(&pebble, &state, backend);
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut with_metrics = args.clone();
-    with_metrics.extend(["--metrics".to_string(), metrics.to_string()]);
+    let control = tmp.join("control");
+    with_metrics.extend([
+        "--metrics".to_string(),
+        metrics.to_string(),
+        "--control".to_string(),
+        control.display().to_string(),
+    ]);
 
     let fwd = start(&with_metrics);
     // The placeholder is served at once, and the terms of service are named.
@@ -215,6 +221,45 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // So does `tcpfwd status`, with the issued certificate in force.
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(common::BIN)
+            .args(["status", "--json", "--control", control.to_str().unwrap()])
+            .output()
+            .unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let acme = &status["acme"];
+    assert_eq!(acme["domains"], serde_json::json!(NAMES), "{status}");
+    assert!(
+        acme["last_success"]
+            .as_f64()
+            .is_some_and(|t| t >= now - 120.0),
+        "{acme}"
+    );
+    assert!(
+        acme["next_renewal"].as_f64().is_some_and(|t| t > now),
+        "{acme}"
+    );
+    assert!(acme["last_failure"].is_null(), "{acme}");
+    assert_eq!(
+        status["certificates"][0]["sha256"], ev["sha256"],
+        "{status}"
+    );
+    // The CA orders the names as it likes.
+    let mut names: Vec<&str> = status["certificates"][0]["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, NAMES);
 
     let root = pebble.dir.join("root.pem");
     std::fs::write(&root, pebble.root_pem().await).unwrap();

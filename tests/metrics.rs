@@ -323,6 +323,140 @@ async fn prometheus_scrapes_what_the_connections_did() {
     );
 }
 
+/// A TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from.parse().unwrap(), 0))?;
+    socket.connect(to).await
+}
+
+/// Bytes that are not TLS from `from`, then waits for tcpfwd to close (or
+/// refuse) the connection.
+async fn not_tls_from(from: &str, to: SocketAddr) {
+    if let Ok(mut s) = connect_from(from, to).await {
+        let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(T, s.read_to_end(&mut rest)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_counts_policy_refusals_by_why() {
+    let pki = Pki::new();
+    let dir = TempDir::new("metrics-policy");
+    let echo = backends::echo().await;
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // 127.0.0.3 is denied at accept; the NAS route admits 127.0.0.2 alone.
+    let file = dir.join("tcpfwd.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+[[frontend]]
+listen = "127.0.0.1:0"
+deny = ["127.0.0.3"]
+  [[frontend.route]]
+  backend = "{echo}"
+  [[frontend.route]]
+  sni = ["nas.example.test"]
+  backend = "{echo}"
+  allow = ["127.0.0.2/32"]
+"#
+        ),
+    )
+    .unwrap();
+    let (nas_cert, nas_key) = pki.leaf("nas", &["nas.example.test"]);
+    let fwd = Tcpfwd::start(&[
+        "--config",
+        file.to_str().unwrap(),
+        "--cert",
+        pki.cert.to_str().unwrap(),
+        "--key",
+        pki.key.to_str().unwrap(),
+        "--cert",
+        nas_cert.to_str().unwrap(),
+        "--key",
+        nas_key.to_str().unwrap(),
+        "--metrics",
+        &metrics_addr.to_string(),
+        "--per-source-connections",
+        "2",
+        "--per-source-rate",
+        "5",
+        // Not this test's subject: the flood's bytes that are not TLS.
+        "--ban-after",
+        "1000",
+        "--handshake-timeout",
+        "60s",
+    ]);
+    let to = fwd.addr(0);
+    let cfg = pki.client_config();
+    // Denied at accept, by the frontend's list.
+    not_tls_from("127.0.0.3", to).await;
+    // Denied after the ClientHello, by the route's list.
+    let tcp = connect_from("127.0.0.1", to).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("nas.example.test").unwrap();
+    let refused = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name, tcp)
+        .await;
+    assert!(refused.is_err(), "the NAS route must refuse 127.0.0.1");
+    // A flood from 127.0.0.2: six silent connections held, two admitted
+    // (and two of its five a minute spent), four over the concurrent limit.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(connect_from("127.0.0.2", to).await.unwrap());
+    }
+    let prom = Prometheus::start(metrics_addr);
+    let refused_by = |route: &str, reason: &str| {
+        format!(
+            "tcpfwd_connections_refused_by_policy_total{{route=\"{route}\",reason=\"{reason}\"}}"
+        )
+    };
+    prom.wait_value(&refused_by("", "per_source_connections"), 4.0);
+    drop(held);
+    fwd.wait_for_async(
+        |e| {
+            msg(e) == "connection closed"
+                && e["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("127.0.0.2:"))
+        },
+        2,
+        T,
+    )
+    .await;
+    // Then eight one after the other: three left of the five a minute, the
+    // rest over the rate (four or more, should a token come back meanwhile).
+    for _ in 0..8 {
+        not_tls_from("127.0.0.2", to).await;
+    }
+    prom.wait_value(&refused_by("", "denied"), 1.0);
+    prom.wait_value(&refused_by("nas.example.test", "denied"), 1.0);
+    prom.wait_value(
+        &format!("count({} >= 4 <= 5)", refused_by("", "per_source_rate")),
+        1.0,
+    );
+    for (route, reason) in [
+        ("", "banned"),
+        ("", "not_admitted"),
+        ("nas.example.test", "per_source_connections"),
+        ("default", "denied"),
+    ] {
+        prom.wait_value(&refused_by(route, reason), 0.0);
+    }
+    // Refused at accept: never accepted. Refused by the route: accepted,
+    // then closed as `refused`, and no longer open.
+    prom.wait_value(
+        "tcpfwd_connections_closed_total{route=\"\",reason=\"refused\"}",
+        1.0,
+    );
+    prom.wait_value("sum(tcpfwd_connections_open)", 0.0);
+    prom.wait_value(
+        "sum(tcpfwd_connections_accepted_total) - sum(tcpfwd_connections_closed_total)",
+        0.0,
+    );
+}
+
 #[test]
 fn alert_rules_pass_promtool() {
     require_tool("promtool");

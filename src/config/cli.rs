@@ -97,6 +97,13 @@ SYSTEMD:
   RELOADING=1 around a SIGHUP reload, STOPPING=1, and WATCHDOG=1 when
   WatchdogSec= is set: use Type=notify, or Type=notify-reload on systemd 253+.
 
+STATUS:
+  tcpfwd status (--json for the document) asks the running instance over its
+  control socket: control in $RUNTIME_DIRECTORY when systemd sets it (the
+  unit's RuntimeDirectory=tcpfwd: /run/tcpfwd/control, which is also where
+  tcpfwd status looks by default), or the --control PATH given to both.
+  The socket is mode 0600: only root and tcpfwd's own user may ask.
+
 EXIT STATUS:
   0 after a clean shutdown (SIGTERM or SIGINT), 2 for a bad argument,
   certificate or set of sockets from systemd, 1 for any other start-up failure
@@ -136,6 +143,26 @@ pub enum Command {
     /// client_auth = "family", or --client-auth family).
     #[command(subcommand)]
     ClientCert(ClientCertCommand),
+    /// Show what the running tcpfwd is doing: frontends and routes with their
+    /// open connections, certificates and their expiry, ACME, the last
+    /// reload and the banned sources. Asks over the control socket, which
+    /// only root and tcpfwd's own user may use.
+    Status(StatusArgs),
+}
+
+/// `tcpfwd status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The running instance's control socket [default: the file's `control`,
+    /// else control in $RUNTIME_DIRECTORY when set, else /run/tcpfwd/control].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Read `control` from this configuration file.
+    #[arg(long, value_name = "FILE", env = "TCPFWD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the instance's JSON document instead of the summary.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `tcpfwd client-cert ...`.
@@ -243,7 +270,7 @@ impl Cli {
     pub fn args(&self) -> &RunArgs {
         match &self.command {
             Some(Command::Check(a)) => a,
-            Some(Command::ClientCert(_)) | None => &self.run,
+            Some(Command::ClientCert(_) | Command::Status(_)) | None => &self.run,
         }
     }
 }
@@ -342,6 +369,12 @@ pub struct RunArgs {
     /// authentication: keep it on loopback or a private network). [default: off]
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<std::net::SocketAddr>,
+
+    /// Open a control socket here for `tcpfwd status` (only root and
+    /// tcpfwd's own user may use it) [default: control in $RUNTIME_DIRECTORY
+    /// when systemd sets it (RuntimeDirectory=), else none].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 
     /// Get the certificate from an ACME CA (Let's Encrypt by default) for this
     /// DNS name, proven over TLS-ALPN-01 on tcpfwd's own port (repeatable; all
@@ -592,6 +625,7 @@ impl RunArgs {
             source_prefix_v6: self.source_prefix_v6,
             refusal_log_interval: self.refusal_log_interval,
             metrics: self.metrics,
+            control: self.control.clone(),
             file: None,
         })
     }

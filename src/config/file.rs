@@ -183,6 +183,7 @@ const TABLES: &[(&str, &[&str])] = &[
             "source_prefix_v4",
             "source_prefix_v6",
             "metrics",
+            "control",
             "self_signed_names",
             "state_dir",
             "cert",
@@ -386,6 +387,7 @@ with_route_settings! {
         source_prefix_v4: Option<Spanned<i64>>,
         source_prefix_v6: Option<Spanned<i64>>,
         metrics: Option<Spanned<String>>,
+        control: Option<Spanned<String>>,
         self_signed_names: Option<Vec<Spanned<String>>>,
         state_dir: Option<Spanned<String>>,
         cert: Option<Vec<CertDoc>>,
@@ -680,6 +682,11 @@ impl TopDoc {
                 .state_dir
                 .as_ref()
                 .map(|d| src.path_of(d, "state_dir"))
+                .transpose()?,
+            control: self
+                .control
+                .as_ref()
+                .map(|d| src.path_of(d, "control"))
                 .transpose()?,
             cipher_preference: self
                 .cipher_preference

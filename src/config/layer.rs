@@ -20,8 +20,9 @@ use super::map::ROUTE_REF_FORM;
 use super::map::{parse_route_name, valid_hostname};
 use super::{
     AcmeConfig, AdmitAfter, Backend, CertPair, CertSource, CipherPreference, ClientAuth, Config,
-    Duration, Eab, Frontend, HmacKey, Listen, LogFormat, Logging, Origin, ProxyProtocol, Route,
-    Secret, SniName, Timeouts, ADMIT_WINDOW, LETS_ENCRYPT, LETS_ENCRYPT_STAGING,
+    ControlSocket, Duration, Eab, Frontend, HmacKey, Listen, LogFormat, Logging, Origin,
+    ProxyProtocol, Route, Secret, SniName, Timeouts, ADMIT_WINDOW, LETS_ENCRYPT,
+    LETS_ENCRYPT_STAGING,
 };
 use crate::policy::{AccessList, BanRules, Cidr, SourceLimits, SourcePolicy};
 
@@ -203,6 +204,8 @@ pub struct Layer {
     pub refusal_log_interval: Option<Duration>,
     /// Metrics endpoint.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The control socket for `tcpfwd status`.
+    pub control: Option<PathBuf>,
     /// The file, for the file's layer.
     pub file: Option<PathBuf>,
 }
@@ -338,6 +341,16 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
             format: cli.log_format.or(file.log_format),
         },
         metrics: cli.metrics.or(file.metrics),
+        control: match cli.control.as_ref().or(file.control.as_ref()) {
+            Some(path) => Some(ControlSocket {
+                path: path.clone(),
+                explicit: true,
+            }),
+            None => runtime_directory().map(|dir| ControlSocket {
+                path: dir.join(CONTROL_NAME),
+                explicit: false,
+            }),
+        },
         file: file.file.clone(),
         sources,
     })
@@ -441,6 +454,28 @@ fn state_dir(file: &Layer, cli: &Layer) -> PathBuf {
         Some(d) => d.clone(),
         None => default_state_dir(),
     }
+}
+
+/// The control socket's name in the runtime directory.
+const CONTROL_NAME: &str = "control";
+
+/// `$RUNTIME_DIRECTORY`, the first of systemd's list, when systemd gave one.
+fn runtime_directory() -> Option<PathBuf> {
+    std::env::var_os("RUNTIME_DIRECTORY").and_then(|v| {
+        v.to_str()
+            .and_then(|s| s.split(':').next())
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
+/// The control socket `tcpfwd status` asks by default: `control` in
+/// `$RUNTIME_DIRECTORY`, else /run/tcpfwd/control (where the shipped unit's
+/// `RuntimeDirectory=tcpfwd` puts it).
+pub fn default_control_path() -> PathBuf {
+    runtime_directory()
+        .unwrap_or_else(|| PathBuf::from("/run/tcpfwd"))
+        .join(CONTROL_NAME)
 }
 
 /// `$STATE_DIRECTORY` (the first of systemd's list), else /var/lib/tcpfwd.

@@ -41,10 +41,24 @@ pub struct Config {
     pub log: Logging,
     /// Where to serve Prometheus metrics (`/metrics`); none by default.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where `tcpfwd status` reaches this instance: chosen, or in systemd's
+    /// runtime directory; none otherwise, so that instances started by hand
+    /// (and tests) never meet in one default place.
+    pub control: Option<ControlSocket>,
     /// The file this came from, re-read on SIGHUP.
     pub file: Option<PathBuf>,
     /// Per-source limits, bans and the refusal summary, for every connection.
     pub sources: SourcePolicy,
+}
+
+/// The control socket's place, and whether the user chose it: a chosen one
+/// that cannot be opened stops start-up, systemd's only gives a warning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlSocket {
+    /// The Unix socket's path.
+    pub path: PathBuf,
+    /// Given with `--control` or `control =`.
+    pub explicit: bool,
 }
 
 /// Where a listening address terminates TLS, and the routes it serves.

@@ -425,7 +425,10 @@ async fn accept_loop(l: Listener, shared: Shared, signals: LoopSignals) {
         // connection is closed before any byte is read, and only counted.
         let pass = match ctx.gate.admit(peer.ip(), &l.frontend.table().access) {
             Ok(pass) => pass,
-            Err(_) => continue,
+            Err(why) => {
+                l.frontend.metrics.refused.inc(why);
+                continue;
+            }
         };
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {

@@ -281,6 +281,19 @@ impl Gate {
         }
     }
 
+    /// Sources in a cool-off now, for `tcpfwd status`: the `n` with the most
+    /// time left (as in messages: `203.0.113.7`, `2001:db8:1:2::/64`) and
+    /// how many there are in all.
+    pub fn banned(&self, n: usize) -> (Vec<(String, Duration)>, usize) {
+        let p = self.policy();
+        let (top, total) = self.table.banned(n, Instant::now());
+        let top = top
+            .into_iter()
+            .map(|(k, left)| (k.describe(p.prefix_v4, p.prefix_v6), left))
+            .collect();
+        (top, total)
+    }
+
     /// Logs a summary of the refusals every `summary_every`, when there were any.
     pub async fn run_summaries(self: Arc<Self>) {
         let mut last = Instant::now();

@@ -267,6 +267,32 @@ impl SourceTable {
         top
     }
 
+    /// Sources in a cool-off at `now`: the `n` with the most time left (most
+    /// first), and how many there are in all. Each set is locked only while
+    /// its slots are read, as for the summary.
+    pub fn banned(&self, n: usize, now: Instant) -> (Vec<(Key, Duration)>, usize) {
+        let now = self.ms(now);
+        let mut top: Vec<(Key, u64)> = Vec::with_capacity(n + 1);
+        let mut total = 0;
+        for set in self.sets.iter() {
+            let set = set.lock().unwrap_or_else(|e| e.into_inner());
+            for s in set.iter().filter(|s| s.used && s.banned_until > now) {
+                total += 1;
+                let left = s.banned_until - now;
+                if top.len() < n || top.last().is_some_and(|(_, l)| *l < left) {
+                    let at = top.partition_point(|(_, l)| *l >= left);
+                    top.insert(at, (s.key, left));
+                    top.truncate(n);
+                }
+            }
+        }
+        let top = top
+            .into_iter()
+            .map(|(k, ms)| (k, Duration::from_millis(ms)))
+            .collect();
+        (top, total)
+    }
+
     /// Sources held now.
     pub fn len(&self) -> usize {
         self.sets
@@ -395,6 +421,20 @@ mod tests {
             t.release(a);
         }
         assert_eq!(lengths, [10, 20, 25, 25], "doubling up to the longest");
+        // Banned now, then the list of the banned with their time left.
+        let b = key("127.0.0.3");
+        for _ in 0..3 {
+            t.failed(a, rules, Instant::now());
+            t.failed(b, rules, Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (top, total) = t.banned(5, Instant::now());
+        assert_eq!(total, 2);
+        assert_eq!(top[0], (a, Duration::from_secs(24)), "{top:?}");
+        assert_eq!(top[1], (b, Duration::from_secs(9)), "{top:?}");
+        assert_eq!(t.banned(1, Instant::now()).0.len(), 1);
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert_eq!(t.banned(5, Instant::now()), (vec![], 0));
         // Clean for longer than the longest cool-off: back to the first length.
         tokio::time::advance(Duration::from_secs(26)).await;
         for _ in 0..2 {

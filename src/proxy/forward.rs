@@ -165,9 +165,11 @@ pub async fn serve(
     };
     match &end {
         // Hostile traffic costs little: no line of its own; the gate's
-        // summary counts it.
+        // summary and the route's refusal counters count it. It never got
+        // its route, so it leaves the frontend's counters.
         End::Refused => {
             counters.unrouted.open.dec();
+            counters.unrouted.closed(End::Refused.reason(), 0, 0);
             return;
         }
         // Bytes that are not a handshake we take count toward a ban. A
@@ -306,12 +308,18 @@ async fn run(
             let (access, limits) = (&r.route.access, r.route.source_limits);
             match ctx.gate.admit_route(peer.ip(), access, limits, r.scope) {
                 // The ClientHello is dropped unanswered: closed without an alert.
-                Err(_) => return Err(End::Refused),
+                Err(why) => {
+                    r.metrics.refused.inc(why);
+                    return Err(End::Refused);
+                }
                 Ok(pass) => seen.route_pass = pass,
             }
             if let Some(a) = &r.route.admit_after {
                 match ctx.gate.admitted(peer.ip(), a.scope, a.window) {
-                    Err(_) => return Err(End::Refused),
+                    Err(why) => {
+                        r.metrics.refused.inc(why);
+                        return Err(End::Refused);
+                    }
                     Ok(serial) => seen.admitted_by = Some(serial),
                 }
             }

@@ -76,6 +76,72 @@ struct RefusedLabels {
     reason: String,
 }
 
+/// Why the policy refused a connection, in the order of [`POLICY_REASONS`]:
+/// the metrics' own list, so that a gate with a new refusal adds its arm to
+/// one `From` and nothing here changes shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyReason {
+    /// The frontend's or the route's allow/deny lists.
+    Denied,
+    /// A cool-off after failed handshakes.
+    Banned,
+    /// Too many connections open from the source.
+    Connections,
+    /// Too many new connections per minute from the source.
+    Rate,
+    /// Not (yet) admitted by the route's admission gate.
+    NotAdmitted,
+}
+
+/// The `reason` label of `tcpfwd_connections_refused_by_policy_total`, the
+/// names of the gate's one-a-minute summary.
+pub const POLICY_REASONS: &[&str] = &[
+    "denied",
+    "banned",
+    "per_source_connections",
+    "per_source_rate",
+    "not_admitted",
+];
+
+impl From<crate::policy::Refusal> for PolicyReason {
+    fn from(r: crate::policy::Refusal) -> PolicyReason {
+        use crate::policy::Refusal;
+        match r {
+            Refusal::Denied | Refusal::RouteDenied => PolicyReason::Denied,
+            Refusal::Banned => PolicyReason::Banned,
+            Refusal::Connections => PolicyReason::Connections,
+            Refusal::Rate => PolicyReason::Rate,
+            Refusal::NotAdmitted => PolicyReason::NotAdmitted,
+        }
+    }
+}
+
+/// Counters of policy refusals, one per [`POLICY_REASONS`] entry, resolved
+/// once: a refusal is one atomic increment, no label and no allocation.
+#[derive(Debug)]
+pub struct Refusals([Counter; POLICY_REASONS.len()]);
+
+impl Refusals {
+    fn unregistered() -> Refusals {
+        Refusals(Default::default())
+    }
+
+    /// Counts one connection refused for `why`.
+    pub fn inc(&self, why: impl Into<PolicyReason>) {
+        self.0[why.into() as usize].inc();
+    }
+
+    /// The count for `why` (for tests and `tcpfwd status`).
+    pub fn get(&self, why: PolicyReason) -> u64 {
+        self.0[why as usize].get()
+    }
+
+    /// The count over every reason.
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(Counter::get).sum()
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClosedLabels {
     frontend: String,
@@ -113,6 +179,8 @@ pub struct RouteMetrics {
     handshake_failures: Vec<Counter>,
     /// Seconds from the accept to the end of a successful handshake.
     pub handshake_seconds: Histogram,
+    /// Connections the route's lists, numbers or admission refused.
+    pub refused: Refusals,
 }
 
 impl RouteMetrics {
@@ -126,6 +194,7 @@ impl RouteMetrics {
             bytes_down: Counter::default(),
             handshake_failures: FAILURE_KINDS.iter().map(|_| Counter::default()).collect(),
             handshake_seconds: handshake_histogram(),
+            refused: Refusals::unregistered(),
         }
     }
 
@@ -194,6 +263,9 @@ pub struct FrontendMetrics {
     pub accepted: Counter,
     /// Connections closed at once because `--max-connections` were open.
     pub refused_over_limit: Counter,
+    /// Connections the frontend's lists or the source's ban or numbers
+    /// refused at accept (`route=""`).
+    pub refused: Refusals,
     /// Connections before (or without) a route: `route=""`.
     pub unrouted: RouteMetrics,
 }
@@ -204,6 +276,7 @@ impl FrontendMetrics {
         FrontendMetrics {
             accepted: Counter::default(),
             refused_over_limit: Counter::default(),
+            refused: Refusals::unregistered(),
             unrouted: RouteMetrics::unregistered(),
         }
     }
@@ -215,6 +288,7 @@ pub struct Metrics {
     registry: Registry,
     accepted: Family<FrontendLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
+    refused_by_policy: Family<ClosedLabels, Counter>,
     opened: Family<RouteLabels, Counter>,
     open: Family<RouteLabels, Gauge>,
     closed: Family<ClosedLabels, Counter>,
@@ -236,6 +310,7 @@ impl Metrics {
         let m = Metrics {
             accepted: Family::default(),
             refused: Family::default(),
+            refused_by_policy: Family::default(),
             opened: Family::default(),
             open: Family::default(),
             closed: Family::default(),
@@ -264,6 +339,11 @@ impl Metrics {
             "connections_refused",
             "Connections closed at once, before any TLS, by why (over limit: --max-connections open)",
             m.refused.clone(),
+        );
+        registry.register(
+            "connections_refused_by_policy",
+            "Connections the allow/deny lists, a ban, the per-source limits or admission refused; route=\"\" at accept",
+            m.refused_by_policy.clone(),
         );
         registry.register(
             "connections_opened",
@@ -350,6 +430,7 @@ impl Metrics {
             bytes_up: self.bytes_up.get_or_create(&labels).clone(),
             bytes_down: self.bytes_down.get_or_create(&labels).clone(),
             handshake_seconds: self.handshake_seconds.get_or_create(&labels).clone(),
+            refused: self.refusals(frontend, route),
             ..self.ending(frontend, route)
         }
     }
@@ -370,8 +451,22 @@ impl Metrics {
                     reason: "over limit".to_string(),
                 })
                 .clone(),
+            refused: self.refusals(frontend, ""),
             unrouted: self.ending(frontend, ""),
         }
+    }
+
+    /// The policy refusal counters of `route` on `frontend` ("": at accept).
+    fn refusals(&self, frontend: &str, route: &str) -> Refusals {
+        Refusals(std::array::from_fn(|i| {
+            self.refused_by_policy
+                .get_or_create(&ClosedLabels {
+                    frontend: frontend.to_string(),
+                    route: route.to_string(),
+                    reason: POLICY_REASONS[i].to_string(),
+                })
+                .clone()
+        }))
     }
 
     /// What applies to any connection, routed or not: the open gauge and the
@@ -627,6 +722,8 @@ mod tests {
         r.closed("no such reason", 0, 0);
         r.handshake_failed(None);
         r.handshake_done(Duration::from_millis(3));
+        r.refused.inc(crate::policy::Refusal::RouteDenied);
+        m.frontend("443").refused.inc(PolicyReason::NotAdmitted);
         let text = m.encode(false).unwrap();
         for line in [
             "tcpfwd_connections_opened_total{frontend=\"443\",route=\"a.example\"} 1",
@@ -635,6 +732,9 @@ mod tests {
             "tcpfwd_received_bytes_total{frontend=\"443\",route=\"a.example\"} 10",
             "tcpfwd_tls_handshake_failures_total{frontend=\"443\",route=\"a.example\",kind=\"timeout\"} 1",
             "tcpfwd_tls_handshake_duration_seconds_count{frontend=\"443\",route=\"a.example\"} 1",
+            "tcpfwd_connections_refused_by_policy_total{frontend=\"443\",route=\"a.example\",reason=\"denied\"} 1",
+            "tcpfwd_connections_refused_by_policy_total{frontend=\"443\",route=\"a.example\",reason=\"banned\"} 0",
+            "tcpfwd_connections_refused_by_policy_total{frontend=\"443\",route=\"\",reason=\"not_admitted\"} 1",
         ] {
             assert!(text.contains(line), "{line} not in:\n{text}");
         }

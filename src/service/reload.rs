@@ -140,6 +140,13 @@ impl Reloader {
                 "the metrics address changed; the endpoint stays where it is until a restart"
             );
         }
+        if new.control.as_ref().map(|c| &c.path)
+            != self.served.config.control.as_ref().map(|c| &c.path)
+        {
+            tracing::warn!(
+                "the control socket's path changed; it stays where it is until a restart"
+            );
+        }
         let certs = self.certificates(&new)?;
         if !from_file && certs.is_none() {
             return Ok(Outcome::Nothing(
@@ -557,6 +564,8 @@ pub struct Reloads {
     pub notifier: Arc<Notifier>,
     /// The status line to send with READY=1.
     pub status: Status,
+    /// What `tcpfwd status` shows: told of each reload.
+    pub report: Arc<crate::service::control::State>,
 }
 
 impl Reloads {
@@ -593,7 +602,14 @@ impl Reloads {
             }
             self.notifier.reloading();
             tracing::info!(signal = "SIGHUP", "reload requested");
-            match self.reloader.reload().await {
+            let outcome = self.reloader.reload().await;
+            // Recorded before the log says it: whoever reads the log and
+            // then asks `tcpfwd status` sees this reload.
+            self.report.reloaded(
+                &self.reloader.served.frontends,
+                outcome.as_ref().err().map(|e| format!("{e:#}")),
+            );
+            match outcome {
                 Ok(Outcome::Replaced { sha256, config }) => {
                     if config {
                         let served = &self.reloader.served;
