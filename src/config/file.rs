@@ -18,7 +18,9 @@ use super::layer::{
     MAX_THREADS,
 };
 use super::map::{parse_backend, parse_listen, parse_route_name, valid_hostname};
-use super::{CertPair, CipherPreference, Duration, LogFormat, Origin, ProxyProtocol, Secret};
+use super::{
+    printable, CertPair, CipherPreference, Duration, LogFormat, Origin, ProxyProtocol, Secret,
+};
 use crate::policy::Cidr;
 
 /// Reads `path` into a layer; the error names the file, line and column.
@@ -73,9 +75,23 @@ impl<'a> Source<'a> {
     }
 
     /// `FILE:LINE:COLUMN: message`, then the line with the span underlined.
+    /// Control characters in the message (a value's `\n` quoted in it) and
+    /// in the line are shown escaped, so the form stays three lines.
     fn error(&self, span: &Range<usize>, message: impl fmt::Display) -> String {
         let (line, column) = self.position(span.start);
-        let content = self.text.lines().nth(line - 1).unwrap_or("");
+        let message = message.to_string();
+        let message = printable(&message);
+        let raw = self.text.lines().nth(line - 1).unwrap_or("");
+        let content: String = raw
+            .chars()
+            .map(|c| {
+                if c.is_control() && c != '\t' {
+                    '\u{fffd}'
+                } else {
+                    c
+                }
+            })
+            .collect();
         let gutter = line.to_string().len();
         let start = column - 1;
         let width = self
@@ -120,7 +136,7 @@ impl<'a> Source<'a> {
         };
         match span {
             Some(s) => self.error(&s, text),
-            None => format!("{}: {text}", self.path.display()),
+            None => format!("{}: {}", self.path.display(), printable(&text)),
         }
     }
 

@@ -22,6 +22,24 @@ pub use map::{Backend, BackendHost, Listen, MapError, MapSpec};
 
 use crate::policy::{AccessList, SourceLimits, SourcePolicy};
 
+/// `text` for quoting in a message: control characters (a newline, a tab,
+/// an escape) written as Rust escapes (`\n`, `\u{1b}`), so the message stays
+/// one line and a terminal shows what was typed instead of obeying it.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// The validated configuration the server runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
