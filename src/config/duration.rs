@@ -125,5 +125,7 @@ mod tests {
         assert_eq!(d(1_500), "1s500ms");
         assert_eq!(d(172_800_000), "2d");
         assert_eq!(d(0), "0");
+        let e = "5\ns".parse::<Duration>().unwrap_err();
+        assert!(e.starts_with("invalid duration '5\\ns'"), "{e}");
     }
 }

@@ -403,6 +403,30 @@ mod tests {
         }
     }
 
+    /// Found by tests/fuzz_parsers.rs: a leading '+' passed as a port
+    /// (u16's parser takes it), and control characters were quoted raw, so
+    /// the error broke over lines.
+    #[test]
+    fn signed_ports_and_control_characters() {
+        let e = "+443:dvr:80".parse::<MapSpec>().unwrap_err().to_string();
+        assert!(e.contains("listen port '+443' is not a port number"), "{e}");
+        assert!(parse_listen("+443").is_err());
+        assert!(parse_backend("dvr:+80").is_err());
+        let e = "443:a\nb:80".parse::<MapSpec>().unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("invalid map '443:a\\nb:80'"), "{e}");
+        assert!(e.contains("backend host 'a\\nb'"), "{e}");
+        // A bracketed host with "': " in it: the reason is the host's own,
+        // not a piece of another message cut at that text.
+        let e = parse_backend("[a': b]:80").unwrap_err();
+        assert!(
+            e.starts_with(
+                "invalid backend '[a': b]:80': backend address '[a': b]' is not an IPv6 address;"
+            ),
+            "{e}"
+        );
+    }
+
     #[test]
     fn overlap_rules() {
         let any = map("443:a:80").listen;

@@ -139,6 +139,16 @@ mod tests {
         }
     }
 
+    /// Found by tests/fuzz_parsers.rs: the text was quoted raw.
+    #[test]
+    fn control_characters_are_quoted_escaped() {
+        let e = "10.0.0.0/8\n\x1b[2J".parse::<Cidr>().unwrap_err();
+        assert!(
+            e.starts_with("invalid CIDR '10.0.0.0/8\\n\\u{1b}[2J'"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn deny_wins_and_mapped_addresses_count_as_ipv4() {
         let l = list(&["192.168.1.0/24", "2001:db8::/32"], &["192.168.1.66"]);
