@@ -127,7 +127,7 @@ fn backend_text(b: &Backend) -> String {
 }
 
 proptest! {
-    #![proptest_config(cases(3000))]
+    #![proptest_config(cases(1500))]
 
     #[test]
     fn map_specs_never_panic_and_errors_quote_the_spec(text in any_text()) {
@@ -160,7 +160,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(cases(1500))]
+    #![proptest_config(cases(1000))]
 
     #[test]
     fn generated_maps_parse_to_their_parts_and_read_back(
@@ -230,7 +230,7 @@ fn block() -> impl Strategy<Value = (IpAddr, u8)> {
 }
 
 proptest! {
-    #![proptest_config(cases(3000))]
+    #![proptest_config(cases(1500))]
 
     #[test]
     fn cidrs_never_panic_and_errors_quote_the_text(text in any_text()) {
@@ -424,6 +424,9 @@ fn setting() -> impl Strategy<Value = (&'static str, String)> {
         prop::collection::vec(cidr_text(), 0..3).prop_map(|l| ("deny", toml_list(&l))),
         (1i64..=1_000_000).prop_map(|n| ("per_source_connections", n.to_string())),
         (1i64..=1_000_000_000).prop_map(|n| ("per_source_rate", n.to_string())),
+        (1i64..=1_000_000).prop_map(|n| ("ban_after", n.to_string())),
+        (1u64..=3600).prop_map(|n| ("ban_time", toml_str(&format!("{n}s")))),
+        (3600u64..=100_000).prop_map(|n| ("max_ban_time", toml_str(&format!("{n}s")))),
         prop_oneof![Just("family"), Just("off")].prop_map(|v| ("client_auth", toml_str(v))),
     ]
 }
@@ -440,9 +443,6 @@ fn top_setting() -> impl Strategy<Value = (&'static str, String)> {
         1 => prop_oneof![Just("error"), Just("warn"), Just("INFO"), Just("debug"), Just("off")]
             .prop_map(|v| ("log_level", toml_str(v))),
         1 => prop_oneof![Just("text"), Just("json")].prop_map(|v| ("log_format", toml_str(v))),
-        1 => (1i64..=1_000_000).prop_map(|n| ("ban_after", n.to_string())),
-        1 => (1u64..=3600).prop_map(|n| ("ban_time", toml_str(&format!("{n}s")))),
-        1 => (3600u64..=100_000).prop_map(|n| ("max_ban_time", toml_str(&format!("{n}s")))),
         1 => (8i64..=32).prop_map(|n| ("source_prefix_v4", n.to_string())),
         1 => (16i64..=128).prop_map(|n| ("source_prefix_v6", n.to_string())),
     ]
@@ -518,7 +518,7 @@ fn mistake() -> impl Strategy<Value = Mistake> {
         bad_duration().prop_map(Mistake::BadDuration),
         prop_oneof![
             Just("per_source_connections"),
-            Just("per_source_rate"),
+            Just("ban_after"),
             Just("threads")
         ]
         .prop_map(Mistake::WrongType),
@@ -661,7 +661,7 @@ fn document(
 }
 
 proptest! {
-    #![proptest_config(cases(2000))]
+    #![proptest_config(cases(1500))]
 
     #[test]
     fn files_never_panic_and_errors_keep_their_form(text in prop_oneof![
@@ -696,6 +696,9 @@ proptest! {
                 for (k, v) in &want.settings {
                     if *k == "per_source_connections" {
                         prop_assert_eq!(r.settings.per_source_connections, v.parse().ok());
+                    }
+                    if *k == "ban_after" {
+                        prop_assert_eq!(r.settings.ban_after, v.parse().ok());
                     }
                     if *k == "connect_timeout" {
                         let d: Duration = v.trim_matches('"').parse().unwrap();
@@ -916,7 +919,7 @@ fn apply(der: &mut Vec<u8>, e: &Edit) {
 }
 
 proptest! {
-    #![proptest_config(cases(3000))]
+    #![proptest_config(cases(1500))]
 
     #[test]
     fn der_reader_never_panics_on_bytes(bytes in prop_oneof![
