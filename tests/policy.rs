@@ -347,3 +347,69 @@ async fn failed_handshakes_ban_the_source_until_the_cool_off_ends() {
         wait_summed(fwd_ref, "banned", 1);
     });
 }
+
+/// Ban numbers per route: a client-auth route with `ban_after = 2` refuses
+/// a source after two handshakes without a certificate, while the same
+/// source is still served on the open route of the same frontend, another
+/// source still reaches the strict route's handshake, and the process-wide
+/// ban (20 failures) is far off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stricter_route_bans_sooner_while_the_source_is_served_elsewhere() {
+    let pki = Pki::new();
+    let dir = TempDir::new("route-bans");
+    let echo = backends::echo().await;
+    let toml = format!(
+        r#"
+[[frontend]]
+listen = "127.0.0.1:0"
+  [[frontend.route]]
+  backend = "{echo}"
+  [[frontend.route]]
+  sni = ["nas.example.test"]
+  backend = "{echo}"
+  client_ca = "{ca}"
+  ban_after = 2
+  ban_time = "1h"
+  max_ban_time = "2h"
+"#,
+        ca = pki.ca.display()
+    );
+    let fwd = start_with_file(&pki, &dir, &toml, &[]);
+    let cfg = pki.client_config();
+    let to = fwd.addr(0);
+    let (stranger, other) = (ip("127.0.0.2"), ip("127.0.0.3"));
+    for _ in 0..2 {
+        let e = echo_from(&cfg, stranger, to, "nas.example.test")
+            .await
+            .expect_err("no client certificate");
+        assert!(!e.contains("no answer"), "{e}");
+    }
+    fwd.wait_for_async(
+        |e| msg(e) == "connection closed" && e["reason"] == "client certificate rejected",
+        2,
+        T,
+    )
+    .await;
+    // Refused on the strict route, without an alert, after the ClientHello ...
+    refused(&cfg, stranger, to, "nas.example.test").await;
+    // ... and served on the open one, from the same address.
+    echo_from(&cfg, stranger, to, "localhost").await.unwrap();
+    // Another source still gets the strict route's handshake (and its alert).
+    let e = echo_from(&cfg, other, to, "nas.example.test")
+        .await
+        .expect_err("no client certificate");
+    assert!(e.contains("alert") || e.contains("certificate"), "{e}");
+    let fwd_ref = &fwd;
+    tokio::task::block_in_place(|| {
+        wait_summed(fwd_ref, "new_bans", 1);
+        wait_summed(fwd_ref, "banned", 1);
+    });
+    let s = summaries(&fwd);
+    assert!(
+        s.iter().any(|e| e["top_sources"]
+            .as_str()
+            .unwrap_or("")
+            .contains("127.0.0.2 (")),
+        "{s:?}"
+    );
+}

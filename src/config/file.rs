@@ -18,7 +18,9 @@ use super::layer::{
     MAX_CONNECTIONS, MAX_THREADS,
 };
 use super::map::{parse_backend, parse_listen, parse_route_name, parse_route_ref, valid_hostname};
-use super::{CertPair, CipherPreference, Duration, LogFormat, Origin, ProxyProtocol, Secret};
+use super::{
+    printable, CertPair, CipherPreference, Duration, LogFormat, Origin, ProxyProtocol, Secret,
+};
 use crate::policy::Cidr;
 
 /// Reads `path` into a layer; the error names the file, line and column.
@@ -73,9 +75,23 @@ impl<'a> Source<'a> {
     }
 
     /// `FILE:LINE:COLUMN: message`, then the line with the span underlined.
+    /// Control characters in the message (a value's `\n` quoted in it) and
+    /// in the line are shown escaped, so the form stays three lines.
     fn error(&self, span: &Range<usize>, message: impl fmt::Display) -> String {
         let (line, column) = self.position(span.start);
-        let content = self.text.lines().nth(line - 1).unwrap_or("");
+        let message = message.to_string();
+        let message = printable(&message);
+        let raw = self.text.lines().nth(line - 1).unwrap_or("");
+        let content: String = raw
+            .chars()
+            .map(|c| {
+                if c.is_control() && c != '\t' {
+                    '\u{fffd}'
+                } else {
+                    c
+                }
+            })
+            .collect();
         let gutter = line.to_string().len();
         let start = column - 1;
         let width = self
@@ -120,7 +136,7 @@ impl<'a> Source<'a> {
         };
         match span {
             Some(s) => self.error(&s, text),
-            None => format!("{}: {text}", self.path.display()),
+            None => format!("{}: {}", self.path.display(), printable(&text)),
         }
     }
 
@@ -161,6 +177,9 @@ const ROUTE_SETTINGS: &[&str] = &[
     "deny",
     "per_source_connections",
     "per_source_rate",
+    "ban_after",
+    "ban_time",
+    "max_ban_time",
     "client_auth",
     "client_ca",
     "client_crl",
@@ -177,9 +196,6 @@ const TABLES: &[(&str, &[&str])] = &[
             "cipher_preference",
             "log_level",
             "log_format",
-            "ban_after",
-            "ban_time",
-            "max_ban_time",
             "source_prefix_v4",
             "source_prefix_v6",
             "metrics",
@@ -307,6 +323,9 @@ macro_rules! with_route_settings {
             deny: Option<Vec<Spanned<String>>>,
             per_source_connections: Option<Spanned<i64>>,
             per_source_rate: Option<Spanned<i64>>,
+            ban_after: Option<Spanned<i64>>,
+            ban_time: Option<Spanned<String>>,
+            max_ban_time: Option<Spanned<String>>,
             client_auth: Option<Spanned<String>>,
             client_ca: Option<Spanned<String>>,
             client_crl: Option<Spanned<String>>,
@@ -347,6 +366,13 @@ macro_rules! with_route_settings {
                         .as_ref()
                         .map(|v| count(src, "per_source_rate", v, 1_000_000_000))
                         .transpose()?,
+                    ban_after: self
+                        .ban_after
+                        .as_ref()
+                        .map(|v| count(src, "ban_after", v, 1_000_000))
+                        .transpose()?,
+                    ban_time: timeout(src, "ban_time", &self.ban_time)?,
+                    max_ban_time: timeout(src, "max_ban_time", &self.max_ban_time)?,
                     client_auth: client_auth(
                         src,
                         self.client_auth.as_ref(),
@@ -381,9 +407,6 @@ with_route_settings! {
         cipher_preference: Option<Spanned<String>>,
         log_level: Option<Spanned<String>>,
         log_format: Option<Spanned<String>>,
-        ban_after: Option<Spanned<i64>>,
-        ban_time: Option<Spanned<String>>,
-        max_ban_time: Option<Spanned<String>>,
         source_prefix_v4: Option<Spanned<i64>>,
         source_prefix_v6: Option<Spanned<i64>>,
         metrics: Option<Spanned<String>>,
@@ -713,13 +736,6 @@ impl TopDoc {
                 .as_ref()
                 .map(|v| choice::<LogFormat>(src, "log_format", v, "\"text\" or \"json\""))
                 .transpose()?,
-            ban_after: self
-                .ban_after
-                .as_ref()
-                .map(|v| count(src, "ban_after", v, 1_000_000))
-                .transpose()?,
-            ban_time: timeout(src, "ban_time", &self.ban_time)?,
-            max_ban_time: timeout(src, "max_ban_time", &self.max_ban_time)?,
             source_prefix_v4: self
                 .source_prefix_v4
                 .as_ref()
@@ -1393,6 +1409,49 @@ listen = "7682"
         );
         fails("per_source_connections = 0\n", 1, 26, &["out of range"]);
         fails("source_prefix_v4 = 40\n", 1, 20, &["expected 8 to 32"]);
+    }
+
+    #[test]
+    fn ban_numbers_per_frontend_and_route() {
+        let text = "ban_after = 5\n[[frontend]]\nlisten = \"443\"\nban_time = \"10m\"\n  [[frontend.route]]\n  backend = \"dvr.lan:80\"\n  [[frontend.route]]\n  sni = [\"nas.example.org\"]\n  backend = \"nas.lan:5000\"\n  ban_after = 2\n  max_ban_time = \"1d\"\n[[frontend]]\nlisten = \"444\"\n  [[frontend.route]]\n  backend = \"dvr.lan:81\"\n";
+        let c = layer::build(Some(parse(text, path()).unwrap()), Layer::default()).unwrap();
+        let s = std::time::Duration::from_secs;
+        assert_eq!(c.sources.bans.after, 5);
+        assert_eq!(c.sources.bans.first, s(60));
+        let [dvr, nas] = &c.frontends[0].routes[..] else {
+            panic!("{c:?}")
+        };
+        let dvr = dvr.bans.unwrap();
+        assert_eq!((dvr.after, dvr.first, dvr.longest), (5, s(600), s(3600)));
+        let nas = nas.bans.unwrap();
+        assert_eq!((nas.after, nas.first, nas.longest), (2, s(600), s(86_400)));
+        assert_eq!(
+            c.frontends[1].routes[0].bans, None,
+            "the process-wide numbers"
+        );
+        fails(
+            "[[frontend]]\nlisten = \"443\"\n[[frontend.route]]\nbackend = \"a:1\"\nban_after = 0\n",
+            5,
+            13,
+            &["`ban_after` = 0 is out of range"],
+        );
+        let e = layer::build(
+            Some(
+                parse(
+                    "[[frontend]]\nlisten = \"443\"\n[[frontend.route]]\nbackend = \"a:1\"\nban_time = \"2h\"\n",
+                    path(),
+                )
+                .unwrap(),
+            ),
+            Layer::default(),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains(
+                "max_ban_time (1h) is shorter than ban_time (2h) (/etc/tcpfwd/tcpfwd.toml:3:1)"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

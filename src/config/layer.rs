@@ -49,6 +49,12 @@ pub struct RouteSettings {
     pub per_source_connections: Option<u32>,
     /// New connections per minute per source.
     pub per_source_rate: Option<u32>,
+    /// Failed handshakes that start a source's cool-off.
+    pub ban_after: Option<u32>,
+    /// The first cool-off.
+    pub ban_time: Option<Duration>,
+    /// The longest cool-off.
+    pub max_ban_time: Option<Duration>,
     /// Client certificates to require; `Some(None)` turns an inherited
     /// requirement off.
     pub client_auth: Option<Option<ClientAuthSpec>>,
@@ -101,6 +107,9 @@ impl RouteSettings {
             deny: self.deny.clone().or_else(|| base.deny.clone()),
             per_source_connections: self.per_source_connections.or(base.per_source_connections),
             per_source_rate: self.per_source_rate.or(base.per_source_rate),
+            ban_after: self.ban_after.or(base.ban_after),
+            ban_time: self.ban_time.or(base.ban_time),
+            max_ban_time: self.max_ban_time.or(base.max_ban_time),
             client_auth: self
                 .client_auth
                 .clone()
@@ -190,12 +199,6 @@ pub struct Layer {
     pub log_level: Option<String>,
     /// Log format.
     pub log_format: Option<LogFormat>,
-    /// Failed handshakes that start a source's cool-off.
-    pub ban_after: Option<u32>,
-    /// The first cool-off.
-    pub ban_time: Option<Duration>,
-    /// The longest cool-off.
-    pub max_ban_time: Option<Duration>,
     /// IPv4 sources are counted per block of this prefix.
     pub source_prefix_v4: Option<u8>,
     /// IPv6 sources are counted per block of this prefix.
@@ -248,7 +251,7 @@ pub fn build(file: Option<Layer>, cli: Layer) -> Result<Config, String> {
         let mut routes = Vec::with_capacity(spec.routes.len());
         for (i, r) in spec.routes.iter().enumerate() {
             let s = r.settings.over(&spec.settings.over(&defaults));
-            routes.push(route(r, &s, sources.limits, &state)?);
+            routes.push(route(r, &s, &sources, &state)?);
             if let Some(Some(reference)) = &s.admit_after {
                 admitting.push(Pending {
                     at: (fi, first + i),
@@ -396,22 +399,15 @@ fn sources(
         None => Ok(default),
     };
     p.bans = BanRules {
-        after: at_least_one(
-            "--ban-after",
-            cli.ban_after.or(file.ban_after),
-            p.bans.after,
-        )?,
-        first: positive("--ban-time", cli.ban_time.or(file.ban_time), p.bans.first)?,
-        longest: positive(
-            "--max-ban-time",
-            cli.max_ban_time.or(file.max_ban_time),
-            p.bans.longest,
-        )?,
+        after: at_least_one("--ban-after", defaults.ban_after, p.bans.after)?,
+        first: positive("--ban-time", defaults.ban_time, p.bans.first)?,
+        longest: positive("--max-ban-time", defaults.max_ban_time, p.bans.longest)?,
     };
     if p.bans.longest < p.bans.first {
         return Err(format!(
-            "--max-ban-time ({:?}) is shorter than --ban-time ({:?}); the cool-off doubles from --ban-time up to --max-ban-time",
-            p.bans.longest, p.bans.first
+            "--max-ban-time ({}) is shorter than --ban-time ({}); the cool-off doubles from --ban-time up to --max-ban-time",
+            Duration(p.bans.longest),
+            Duration(p.bans.first)
         ));
     }
     p.prefix_v4 = match cli.source_prefix_v4.or(file.source_prefix_v4) {
@@ -495,9 +491,10 @@ pub fn default_state_dir() -> PathBuf {
 fn route(
     spec: &RouteSpec,
     s: &RouteSettings,
-    global: SourceLimits,
+    sources: &SourcePolicy,
     state_dir: &std::path::Path,
 ) -> Result<Route, String> {
+    let global = sources.limits;
     let at = &spec.origin;
     let positive = |name: &str, d: Option<Duration>, default: std::time::Duration| match d {
         None => Ok(default),
@@ -547,10 +544,27 @@ fn route(
             None => global.per_minute,
         },
     };
+    let bans = BanRules {
+        after: match s.ban_after {
+            Some(0) => return Err(format!("ban_after must be at least 1 ({at})")),
+            Some(n) => n,
+            None => sources.bans.after,
+        },
+        first: positive("ban_time", s.ban_time, sources.bans.first)?,
+        longest: positive("max_ban_time", s.max_ban_time, sources.bans.longest)?,
+    };
+    if bans.longest < bans.first {
+        return Err(format!(
+            "max_ban_time ({}) is shorter than ban_time ({}) ({at}); the cool-off doubles from ban_time up to max_ban_time",
+            Duration(bans.longest),
+            Duration(bans.first)
+        ));
+    }
     Ok(Route {
         // The route's own lists: its frontend's are checked at accept.
         access: access(&spec.settings),
         source_limits: (limits != global).then_some(limits),
+        bans: (bans != sources.bans).then_some(bans),
         default: spec.default || names.is_empty(),
         names,
         backend: spec.backend.clone(),
@@ -948,7 +962,7 @@ mod tests {
             assert_eq!(f.access.deny.len(), 1, "--deny is for every --map");
         }
         let mut bad = map_layer(&["443:a:80"]);
-        bad.ban_time = Some("2h".parse().unwrap());
+        bad.defaults.ban_time = Some("2h".parse().unwrap());
         let e = build(None, bad).unwrap_err();
         assert!(e.contains("--max-ban-time"), "{e}");
     }

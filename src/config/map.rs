@@ -5,6 +5,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
+use super::printable as p;
+
 /// One `--map`: where to listen, which server names it serves, and where to
 /// forward to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +65,8 @@ impl std::error::Error for MapError {}
 
 fn map_err(spec: &str, why: impl fmt::Display) -> MapError {
     MapError(format!(
-        "invalid map '{spec}': {why}; the form is {MAP_FORM}"
+        "invalid map '{}': {why}; the form is {MAP_FORM}",
+        p(spec)
     ))
 }
 
@@ -92,14 +95,22 @@ fn split_fields(spec: &str) -> Result<Vec<&str>, MapError> {
     Ok(parts)
 }
 
+/// A port in decimal digits only (`u16`'s parser also takes a leading `+`).
+fn port_number(text: &str) -> Option<u16> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
 fn parse_port(spec: &str, what: &str, text: &str, allow_zero: bool) -> Result<u16, MapError> {
     if text.is_empty() {
         return Err(map_err(spec, format!("{what} is missing")));
     }
-    let port: u16 = text.parse().map_err(|_| {
+    let port = port_number(text).ok_or_else(|| {
         map_err(
             spec,
-            format!("{what} '{text}' is not a port number (1-65535)"),
+            format!("{what} '{}' is not a port number (1-65535)", p(text)),
         )
     })?;
     if port == 0 && !allow_zero {
@@ -108,20 +119,18 @@ fn parse_port(spec: &str, what: &str, text: &str, allow_zero: bool) -> Result<u1
     Ok(port)
 }
 
-fn parse_bracketed_v6(spec: &str, what: &str, text: &str) -> Result<Ipv6Addr, MapError> {
-    let inner = &text[1..text.len() - 1];
-    inner
-        .parse()
-        .map_err(|_| map_err(spec, format!("{what} '{text}' is not an IPv6 address")))
+/// `[ADDR6]` (the caller checked the brackets); the error is the reason alone.
+fn parse_bracketed_v6(what: &str, text: &str) -> Result<Ipv6Addr, String> {
+    text.get(1..text.len().saturating_sub(1))
+        .and_then(|inner| inner.parse().ok())
+        .ok_or_else(|| format!("{what} '{}' is not an IPv6 address", p(text)))
 }
 
 fn parse_listen_addr(spec: &str, text: &str) -> Result<IpAddr, MapError> {
     if text.starts_with('[') && text.ends_with(']') {
-        return Ok(IpAddr::V6(parse_bracketed_v6(
-            spec,
-            "listen address",
-            text,
-        )?));
+        return parse_bracketed_v6("listen address", text)
+            .map(IpAddr::V6)
+            .map_err(|why| map_err(spec, why));
     }
     text.parse::<std::net::Ipv4Addr>()
         .map(IpAddr::V4)
@@ -129,7 +138,8 @@ fn parse_listen_addr(spec: &str, text: &str) -> Result<IpAddr, MapError> {
             map_err(
                 spec,
                 format!(
-                    "listen address '{text}' is not an IPv4 address or a bracketed IPv6 address"
+                    "listen address '{}' is not an IPv4 address or a bracketed IPv6 address",
+                    p(text)
                 ),
             )
         })
@@ -148,31 +158,25 @@ pub(crate) fn valid_hostname(name: &str) -> bool {
         })
 }
 
-fn parse_backend_host(spec: &str, text: &str) -> Result<BackendHost, MapError> {
+/// A backend's host; the error is the reason alone, for the caller's form.
+fn parse_backend_host(text: &str) -> Result<BackendHost, String> {
     if text.is_empty() {
-        return Err(map_err(spec, "backend host is missing"));
+        return Err("backend host is missing".into());
     }
     if text.starts_with('[') && text.ends_with(']') {
-        return Ok(BackendHost::Ip(IpAddr::V6(parse_bracketed_v6(
-            spec,
-            "backend address",
-            text,
-        )?)));
+        return parse_bracketed_v6("backend address", text).map(|a| BackendHost::Ip(IpAddr::V6(a)));
     }
     if let Ok(v4) = text.parse::<std::net::Ipv4Addr>() {
         return Ok(BackendHost::Ip(IpAddr::V4(v4)));
     }
     // A name that looks like a dotted quad but did not parse is a typo, not a name.
     if text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return Err(map_err(
-            spec,
-            format!("backend '{text}' is not a valid IPv4 address"),
-        ));
+        return Err(format!("backend '{}' is not a valid IPv4 address", p(text)));
     }
     if !valid_hostname(text.trim_end_matches('.')) {
-        return Err(map_err(
-            spec,
-            format!("backend host '{text}' is not a valid host name or address"),
+        return Err(format!(
+            "backend host '{}' is not a valid host name or address",
+            p(text)
         ));
     }
     Ok(BackendHost::Name(text.to_owned()))
@@ -188,7 +192,8 @@ pub fn parse_route_name(text: &str) -> Result<String, String> {
     }
     if bare.contains('*') || !valid_hostname(bare) || bare.parse::<IpAddr>().is_ok() {
         return Err(format!(
-            "route name '{text}' is not a DNS name (like nas.example.org) or a one-level wildcard (like *.example.org)"
+            "route name '{}' is not a DNS name (like nas.example.org) or a one-level wildcard (like *.example.org)",
+            p(text)
         ));
     }
     Ok(name)
@@ -226,7 +231,7 @@ impl FromStr for MapSpec {
                 (names, host)
             }
         };
-        let host = parse_backend_host(spec, host)?;
+        let host = parse_backend_host(host).map_err(|why| map_err(spec, why))?;
         let backend_port = parse_port(spec, "backend port", rest[2], false)?;
         Ok(MapSpec {
             listen: Listen { addr, port },
@@ -242,21 +247,21 @@ impl FromStr for MapSpec {
 /// Parses a listening address alone: `PORT`, `ADDR:PORT` or `[ADDR6]:PORT`.
 pub fn parse_listen(text: &str) -> Result<Listen, String> {
     let form = "write PORT, IPV4:PORT or [IPV6]:PORT, like 443 or 127.0.0.1:8443";
-    let fields =
-        split_fields(text).map_err(|_| format!("invalid listen address '{text}': {form}"))?;
+    let bad = |why: String| format!("invalid listen address '{}': {why}{form}", p(text));
+    let fields = split_fields(text).map_err(|_| bad(String::new()))?;
     let (addr, port) = match fields[..] {
         [port] => (None, port),
         [addr, port] => (
-            Some(parse_listen_addr(text, addr).map_err(|_| {
-                format!("invalid listen address '{text}': '{addr}' is not an IP address; {form}")
-            })?),
+            Some(
+                parse_listen_addr(text, addr)
+                    .map_err(|_| bad(format!("'{}' is not an IP address; ", p(addr))))?,
+            ),
             port,
         ),
-        _ => return Err(format!("invalid listen address '{text}': {form}")),
+        _ => return Err(bad(String::new())),
     };
-    let port = port.parse::<u16>().map_err(|_| {
-        format!("invalid listen address '{text}': '{port}' is not a port number; {form}")
-    })?;
+    let port =
+        port_number(port).ok_or_else(|| bad(format!("'{}' is not a port number; ", p(port))))?;
     Ok(Listen { addr, port })
 }
 
@@ -283,26 +288,19 @@ pub fn parse_route_ref(text: &str) -> Result<(Listen, Option<String>), String> {
 /// Parses a backend alone: `HOST:PORT`, `IPV4:PORT` or `[IPV6]:PORT`.
 pub fn parse_backend(text: &str) -> Result<Backend, String> {
     let form = "write HOST:PORT, like dvr.lan:80, 10.0.0.7:80 or [fd00::7]:80";
-    let fields = split_fields(text).map_err(|_| format!("invalid backend '{text}': {form}"))?;
+    let bad = |why: String| format!("invalid backend '{}': {why}{form}", p(text));
+    let fields = split_fields(text).map_err(|_| bad(String::new()))?;
     let [host, port] = fields[..] else {
-        return Err(format!("invalid backend '{text}': {form}"));
+        return Err(bad(String::new()));
     };
-    let host = parse_backend_host(text, host).map_err(|e| {
-        let why =
-            e.0.split("': ")
-                .nth(1)
-                .unwrap_or("bad host")
-                .split(';')
-                .next()
-                .unwrap_or("");
-        format!("invalid backend '{text}': {why}; {form}")
-    })?;
-    let port = match port.parse::<u16>() {
-        Ok(p) if p > 0 => p,
+    let host = parse_backend_host(host).map_err(|why| bad(format!("{why}; ")))?;
+    let port = match port_number(port) {
+        Some(n) if n > 0 => n,
         _ => {
-            return Err(format!(
-                "invalid backend '{text}': '{port}' is not a port number (1-65535); {form}"
-            ))
+            return Err(bad(format!(
+                "'{}' is not a port number (1-65535); ",
+                p(port)
+            )))
         }
     };
     Ok(Backend { host, port })
@@ -423,6 +421,30 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// Found by tests/fuzz_parsers.rs: a leading '+' passed as a port
+    /// (u16's parser takes it), and control characters were quoted raw, so
+    /// the error broke over lines.
+    #[test]
+    fn signed_ports_and_control_characters() {
+        let e = "+443:dvr:80".parse::<MapSpec>().unwrap_err().to_string();
+        assert!(e.contains("listen port '+443' is not a port number"), "{e}");
+        assert!(parse_listen("+443").is_err());
+        assert!(parse_backend("dvr:+80").is_err());
+        let e = "443:a\nb:80".parse::<MapSpec>().unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("invalid map '443:a\\nb:80'"), "{e}");
+        assert!(e.contains("backend host 'a\\nb'"), "{e}");
+        // A bracketed host with "': " in it: the reason is the host's own,
+        // not a piece of another message cut at that text.
+        let e = parse_backend("[a': b]:80").unwrap_err();
+        assert!(
+            e.starts_with(
+                "invalid backend '[a': b]:80': backend address '[a': b]' is not an IPv6 address;"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

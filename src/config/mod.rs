@@ -20,7 +20,25 @@ pub mod map;
 pub use duration::Duration;
 pub use map::{Backend, BackendHost, Listen, MapError, MapSpec};
 
-use crate::policy::{AccessList, SourceLimits, SourcePolicy};
+use crate::policy::{AccessList, BanRules, SourceLimits, SourcePolicy};
+
+/// `text` for quoting in a message: control characters (a newline, a tab,
+/// an escape) written as Rust escapes (`\n`, `\u{1b}`), so the message stays
+/// one line and a terminal shows what was typed instead of obeying it.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
 
 /// The validated configuration the server runs on.
 #[derive(Debug, Clone)]
@@ -121,6 +139,10 @@ pub struct Route {
     /// Its own per-source numbers, counted after the ClientHello on top of
     /// the process-wide ones; `None` when it has the process-wide ones.
     pub source_limits: Option<SourceLimits>,
+    /// Its own ban numbers, for failed handshakes on it, on top of the
+    /// process-wide ones: reaching them refuses the source on this route
+    /// only (after the ClientHello); `None` when it has the process-wide ones.
+    pub bans: Option<BanRules>,
     /// Client certificates the route requires; `None`: anyone may connect.
     pub client_auth: Option<ClientAuth>,
     /// Admits only the sources that passed another route's client

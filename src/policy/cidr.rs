@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use ipnet::{IpNet, Ipv4Net};
 
+use crate::config::printable;
+
 /// An address block, `10.0.0.0/8` or `2001:db8::/32` (a bare address is its
 /// own block). IPv4-mapped IPv6 blocks (`::ffff:10.0.0.0/104`) are stored as
 /// the IPv4 block they mean, so one list covers both ways a client appears.
@@ -30,14 +32,16 @@ impl FromStr for Cidr {
                 Ok(ip) => IpNet::from(ip),
                 Err(_) => {
                     return Err(format!(
-                        "invalid CIDR '{s}': expected an address or ADDRESS/PREFIX, like 192.168.1.0/24, 203.0.113.7 or 2001:db8::/48"
+                        "invalid CIDR '{}': expected an address or ADDRESS/PREFIX, like 192.168.1.0/24, 203.0.113.7 or 2001:db8::/48",
+                        printable(s)
                     ))
                 }
             },
         };
         if net.trunc() != net {
             return Err(format!(
-                "invalid CIDR '{s}': host bits are set after the /{}; did you mean {}?",
+                "invalid CIDR '{}': host bits are set after the /{}; did you mean {}?",
+                printable(s),
                 net.prefix_len(),
                 net.trunc()
             ));
@@ -133,6 +137,16 @@ mod tests {
             let e = bad.parse::<Cidr>().unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    /// Found by tests/fuzz_parsers.rs: the text was quoted raw.
+    #[test]
+    fn control_characters_are_quoted_escaped() {
+        let e = "10.0.0.0/8\n\x1b[2J".parse::<Cidr>().unwrap_err();
+        assert!(
+            e.starts_with("invalid CIDR '10.0.0.0/8\\n\\u{1b}[2J'"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! A connection passes the [`Gate`] twice: right after accept (its
 //! frontend's lists, a ban, the process-wide per-source numbers) and after
 //! the ClientHello (its route's lists and, when the route has its own, the
-//! route's numbers). A refused connection is closed without a TLS alert and
+//! route's numbers and bans). A refused connection is closed without a TLS alert and
 //! without a log line of its own: [`Gate::run_summaries`] logs one line per
 //! interval with the counts, the reasons and the top sources.
 //!
@@ -210,23 +210,29 @@ impl Gate {
         }
     }
 
-    /// After the ClientHello: the route's lists, then its own numbers when
-    /// it has them (`scope` tells its counts from other routes').
+    /// After the ClientHello: the route's lists, then its own numbers and
+    /// its own ban when it has them (`scope` tells its counts from other
+    /// routes').
     pub fn admit_route(
         self: &Arc<Self>,
         ip: IpAddr,
         access: &AccessList,
         limits: Option<SourceLimits>,
+        own_bans: bool,
         scope: u32,
     ) -> Result<Option<Pass>, Refusal> {
         if !access.admits(ip) {
             self.table.note_refused(self.key(ip, 0), Instant::now());
             return Err(self.refuse(Refusal::RouteDenied));
         }
+        let key = self.key(ip, scope);
         let Some(limits) = limits else {
+            if own_bans && self.table.in_cool_off(key, Instant::now()) {
+                self.table.note_refused(self.key(ip, 0), Instant::now());
+                return Err(self.refuse(Refusal::Banned));
+            }
             return Ok(None);
         };
-        let key = self.key(ip, scope);
         match self.table.admit(key, limits, Instant::now()) {
             Ok(()) => Ok(Some(Pass {
                 gate: self.clone(),
@@ -269,15 +275,20 @@ impl Gate {
         self.admissions.revoke(scopes, revoked)
     }
 
-    /// A handshake from `ip` failed (or timed out, or asked for no known name).
-    pub fn handshake_failed(&self, ip: IpAddr) {
+    /// A handshake from `ip` failed (or asked for no known name). It counts
+    /// toward the process-wide ban and, on a route with its own ban numbers
+    /// (`route`: them and the route's scope), toward the source's ban on
+    /// that route alone.
+    pub fn handshake_failed(&self, ip: IpAddr, route: Option<(BanRules, u32)>) {
+        let now = Instant::now();
         let rules = self.policy.load().bans;
-        if self
-            .table
-            .failed(self.key(ip, 0), rules, Instant::now())
-            .is_some()
-        {
+        if self.table.failed(self.key(ip, 0), rules, now).is_some() {
             self.bans.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((rules, scope)) = route {
+            if self.table.failed(self.key(ip, scope), rules, now).is_some() {
+                self.bans.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -401,7 +412,8 @@ mod tests {
             Some(Refusal::Denied)
         );
         assert_eq!(
-            gate.admit_route(ip("127.0.0.3"), &deny, None, 7).err(),
+            gate.admit_route(ip("127.0.0.3"), &deny, None, false, 7)
+                .err(),
             Some(Refusal::RouteDenied)
         );
         let tight = SourceLimits {
@@ -409,21 +421,21 @@ mod tests {
             per_minute: 100,
         };
         let r = gate
-            .admit_route(ip("127.0.0.1"), &open, Some(tight), 7)
+            .admit_route(ip("127.0.0.1"), &open, Some(tight), false, 7)
             .unwrap();
         assert!(r.is_some());
         assert_eq!(
-            gate.admit_route(ip("127.0.0.1"), &open, Some(tight), 7)
+            gate.admit_route(ip("127.0.0.1"), &open, Some(tight), false, 7)
                 .err(),
             Some(Refusal::Connections)
         );
         // Another route's counts are its own.
         assert!(gate
-            .admit_route(ip("127.0.0.1"), &open, Some(tight), 8)
+            .admit_route(ip("127.0.0.1"), &open, Some(tight), false, 8)
             .unwrap()
             .is_some());
-        gate.handshake_failed(ip("::1"));
-        gate.handshake_failed(ip("::1"));
+        gate.handshake_failed(ip("::1"), None);
+        gate.handshake_failed(ip("::1"), None);
         assert_eq!(gate.admit(ip("::1"), &open).err(), Some(Refusal::Banned));
         assert_eq!(
             gate.admitted(ip("127.0.0.2"), 7, Duration::from_secs(60))
@@ -441,6 +453,49 @@ mod tests {
         assert_eq!(bans, 1);
         assert!(gate.take_counts().is_none());
         drop((b, c));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_route_with_its_own_bans_refuses_the_source_there_alone() {
+        let mut policy = SourcePolicy::defaults(64);
+        policy.bans.after = 10;
+        let gate = Gate::with_table(policy, SourceTable::new(8));
+        let open = AccessList::default();
+        let strict = BanRules {
+            after: 2,
+            first: Duration::from_secs(30),
+            longest: Duration::from_secs(60),
+        };
+        let src = ip("127.0.0.2");
+        gate.handshake_failed(src, Some((strict, 7)));
+        assert!(gate.admit_route(src, &open, None, true, 7).is_ok());
+        gate.handshake_failed(src, Some((strict, 7)));
+        // Banned on route 7, with or without its own numbers; not on route
+        // 8, nor at accept (2 of the 10 process-wide failures).
+        assert_eq!(
+            gate.admit_route(src, &open, None, true, 7).err(),
+            Some(Refusal::Banned)
+        );
+        let tight = SourceLimits {
+            connections: 5,
+            per_minute: 100,
+        };
+        assert_eq!(
+            gate.admit_route(src, &open, Some(tight), true, 7).err(),
+            Some(Refusal::Banned)
+        );
+        assert!(gate.admit_route(src, &open, None, true, 8).is_ok());
+        let pass = gate.admit(src, &open).unwrap();
+        assert!(gate
+            .admit_route(ip("127.0.0.3"), &open, None, true, 7)
+            .is_ok());
+        // The cool-off ends.
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(gate.admit_route(src, &open, None, true, 7).is_ok());
+        let (counts, bans) = gate.take_counts().unwrap();
+        assert_eq!(counts[Refusal::Banned as usize], 2);
+        assert_eq!(bans, 1);
+        drop(pass);
     }
 
     #[test]

@@ -212,6 +212,14 @@ impl SourceTable {
         }
     }
 
+    /// Whether `key` is in a cool-off (a source the table does not hold is not).
+    pub fn in_cool_off(&self, key: Key, now: Instant) -> bool {
+        let now = self.ms(now);
+        let set = self.set(&key);
+        set.iter()
+            .any(|s| s.used && s.key == key && s.banned_until > now)
+    }
+
     /// Counts a connection from `key` refused for another reason (the lists).
     pub fn note_refused(&self, key: Key, now: Instant) {
         let now = self.ms(now);

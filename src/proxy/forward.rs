@@ -51,6 +51,14 @@ struct Seen {
     admitted_by: Option<Vec<u8>>,
 }
 
+impl Seen {
+    /// The picked route's own ban numbers and scope, when it has them.
+    fn route_bans(&self) -> Option<(crate::policy::BanRules, u32)> {
+        let r = self.route.as_ref()?;
+        r.route.bans.map(|b| (b, r.scope))
+    }
+}
+
 /// How a connection ended, for its log event.
 #[derive(Debug)]
 enum End {
@@ -176,8 +184,15 @@ pub async fn serve(
         // connection closed or left silent is not counted: browsers open
         // spare connections and drop them unused, and the per-source
         // numbers already bound what silent ones hold.
-        End::HandshakeFailed(e) if !is_hang_up(e) => ctx.gate.handshake_failed(peer.ip()),
-        End::NoRoute => ctx.gate.handshake_failed(peer.ip()),
+        // A client certificate refused (missing, expired, another CA's,
+        // revoked) counts too: on a client-auth route that is what a
+        // stranger's attempts look like.
+        End::HandshakeFailed(e) if !is_hang_up(e) => {
+            ctx.gate.handshake_failed(peer.ip(), seen.route_bans())
+        }
+        End::ClientCertRejected(_) | End::NoRoute => {
+            ctx.gate.handshake_failed(peer.ip(), seen.route_bans())
+        }
         _ => {}
     }
     let (up, down) = stats.bytes();
@@ -306,7 +321,11 @@ async fn run(
         };
         if let Some(r) = &route {
             let (access, limits) = (&r.route.access, r.route.source_limits);
-            match ctx.gate.admit_route(peer.ip(), access, limits, r.scope) {
+            let own_bans = r.route.bans.is_some();
+            match ctx
+                .gate
+                .admit_route(peer.ip(), access, limits, own_bans, r.scope)
+            {
                 // The ClientHello is dropped unanswered: closed without an alert.
                 Err(why) => {
                     r.metrics.refused.inc(why);
