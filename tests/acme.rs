@@ -287,7 +287,7 @@ async fn first_issuance_on_two_maps_then_restart_reuses_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewal_with_a_third_of_the_lifetime_left_keeps_an_open_transfer_going() {
+async fn renewal_of_a_short_lived_certificate_keeps_an_open_transfer_going() {
     let backend = backends::echo().await;
     // 15-second certificates: short-lived, so renewal is due with half the
     // lifetime left, 7.5 seconds after issuance.
