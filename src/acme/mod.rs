@@ -1308,7 +1308,7 @@ impl Manager {
                 directory = %url,
                 terms_of_service = info.terms_of_service.as_deref().unwrap_or("(none given)"),
                 renewal_info = info.renewal_info.is_some(),
-                "using ACME CA; its terms of service apply to the account tcpfwd uses (agreed by passing --acme-domain)"
+                "using ACME CA; its terms of service apply to the account tcpfwd uses (agreed by passing --acme-domain or --acme-ip)"
             );
             self.logged_directory =
                 Some((info.terms_of_service.clone(), info.renewal_info.clone()));
