@@ -203,6 +203,18 @@ fn lifetime_rule(not_before: SystemTime, not_after: SystemTime) -> &'static str 
     }
 }
 
+/// Whether IP addresses are asked of Let's Encrypt without its shortlived
+/// profile, the only one on which it issues them.
+fn ip_needs_shortlived(cfg: &AcmeConfig) -> bool {
+    let lets_encrypt = [
+        crate::config::LETS_ENCRYPT,
+        crate::config::LETS_ENCRYPT_STAGING,
+    ];
+    !cfg.ips.is_empty()
+        && cfg.profile.as_deref() != Some("shortlived")
+        && lets_encrypt.contains(&cfg.directory.as_str())
+}
+
 /// Every identifier of the configuration, DNS names then IP addresses.
 fn identifiers(cfg: &AcmeConfig) -> Vec<Identifier> {
     let names = cfg.domains.iter().cloned().map(Identifier::Dns);
@@ -350,14 +362,7 @@ pub fn prepare(
 ) -> anyhow::Result<(CertifiedKey, Task)> {
     let state = StateDir::open(&cfg.state_dir, &cfg.directory)?;
     let http = Http::new(cfg.ca_root.as_deref(), provider)?;
-    let lets_encrypt = [
-        crate::config::LETS_ENCRYPT,
-        crate::config::LETS_ENCRYPT_STAGING,
-    ];
-    if !cfg.ips.is_empty()
-        && cfg.profile.is_none()
-        && lets_encrypt.contains(&cfg.directory.as_str())
-    {
+    if ip_needs_shortlived(cfg) {
         tracing::warn!(
             ips = ?cfg.ips,
             directory = %cfg.directory,
@@ -1744,6 +1749,31 @@ mod tests {
         assert_eq!(info.names, ["a.test"]);
         let err = parse_pair(cert.pem().as_bytes(), &p).err().unwrap();
         assert!(err.contains("no private key"), "{err}");
+    }
+
+    #[test]
+    fn ip_addresses_at_lets_encrypt_want_the_shortlived_profile() {
+        let mut cfg = AcmeConfig {
+            domains: vec!["a.example.org".into()],
+            ips: vec![],
+            profile: None,
+            contact: None,
+            directory: crate::config::LETS_ENCRYPT.into(),
+            ca_root: None,
+            eab: None,
+            state_dir: "/tmp/x".into(),
+        };
+        assert!(!ip_needs_shortlived(&cfg));
+        cfg.ips = vec!["203.0.113.7".parse().unwrap()];
+        assert!(ip_needs_shortlived(&cfg));
+        cfg.profile = Some("classic".into());
+        assert!(ip_needs_shortlived(&cfg));
+        cfg.profile = Some("shortlived".into());
+        assert!(!ip_needs_shortlived(&cfg));
+        cfg.profile = None;
+        cfg.directory = "https://ca.example/dir".into();
+        assert!(!ip_needs_shortlived(&cfg));
+        assert_eq!(identifier_names(&cfg), ["a.example.org", "203.0.113.7"]);
     }
 
     #[test]
