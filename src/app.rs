@@ -391,14 +391,12 @@ pub fn check(config: Config, sockets: Option<Vec<Passed>>) -> anyhow::Result<Vec
         }
         CertSource::Acme(acme) => {
             // No lock and no order: a running tcpfwd may own the state dir.
-            let ss = tls::self_signed(&acme.domains, &provider)?;
+            let mut names = acme.domains.clone();
+            names.extend(acme.ips.iter().map(|ip| ip.to_string()));
+            let ss = tls::self_signed(&names, &provider)?;
             (
                 tls::CertSet::single(ss.key),
-                format!(
-                    "ACME from {} for {}",
-                    acme.directory,
-                    acme.domains.join(", ")
-                ),
+                format!("ACME from {} for {}", acme.directory, names.join(", ")),
             )
         }
     };

@@ -441,9 +441,10 @@ async fn issuance_on_routes_that_require_client_certificates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewal_with_a_third_of_the_lifetime_left_keeps_an_open_transfer_going() {
+async fn renewal_of_a_short_lived_certificate_keeps_an_open_transfer_going() {
     let backend = backends::echo().await;
-    // 15-second certificates: renewal is due 10 seconds after issuance.
+    // 15-second certificates: short-lived, so renewal is due with half the
+    // lifetime left, 7.5 seconds after issuance.
     let mut pebble = Pebble::new(free_port(), Some(15));
     pebble.start();
     let state = TempDir::new("acme-renew");
@@ -453,7 +454,10 @@ async fn renewal_with_a_third_of_the_lifetime_left_keeps_an_open_transfer_going(
     let sched = fwd
         .wait_for(|e| msg(e) == "renewal scheduled", 1, ISSUE)
         .remove(0);
-    assert_eq!(sched["rule"], "a third of the lifetime left");
+    assert_eq!(
+        sched["rule"],
+        "half the lifetime left (a short-lived certificate)"
+    );
 
     // A transfer that begins before the renewal and goes on after it.
     let tls = tls_connect(accept_anything_config(), fwd.addr(1), NAMES[0])
@@ -520,7 +524,7 @@ async fn renewal_with_a_third_of_the_lifetime_left_keeps_an_open_transfer_going(
         order["reason"]
             .as_str()
             .unwrap()
-            .contains("a third of the lifetime left"),
+            .contains("half the lifetime left"),
         "{order}"
     );
     // New connections get the new certificate; the stored one is the new one too.
@@ -1113,7 +1117,7 @@ async fn kill_9_at_any_moment_leaves_a_matching_pair_and_no_pile_of_orders() {
     const ROUNDS: usize = 50;
     const VALIDITY: u64 = 9;
     let backend = backends::echo().await;
-    // 9-second certificates: renewal is due 6 s after issuance, so the
+    // 9-second certificates: renewal is due 4.5 s after issuance, so the
     // rounds kill first issuances, starts on a stored pair, and renewals.
     let mut pebble = Pebble::new(free_port(), Some(VALIDITY));
     pebble.start();
@@ -1168,7 +1172,8 @@ async fn kill_9_at_any_moment_leaves_a_matching_pair_and_no_pile_of_orders() {
                 })
                 .expect("expiry logged");
             let renew_at = std::time::SystemTime::from(expires)
-                - Duration::from_secs(VALIDITY / 3)
+                // Short-lived: renewal with half the lifetime left.
+                - Duration::from_secs_f64(VALIDITY as f64 / 2.0)
                 // Margin for the one-second resolution of the logged expiry.
                 - Duration::from_secs(2);
             if started + delay < renew_at {
@@ -1341,4 +1346,355 @@ async fn each_attempt_fetches_the_directory_once() {
         2,
         "the directory was fetched more than once per attempt"
     );
+}
+
+/// The CA's state sub-directory for a stand-in CA.
+fn stand_in_dir(state: &TempDir, ca: &StandInCa) -> std::path::PathBuf {
+    state.join(&format!("127.0.0.1_{}_dir", ca.addr.port()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hold_after_an_unusable_certificate_survives_a_restart_and_lifts_when_the_names_change()
+{
+    let (ca, fwd, state, pki) = against(Script::default(), Some(&due_now()), &[]).await;
+    fwd.wait_for(
+        |e| msg(e).starts_with("the CA issued a certificate that tcpfwd cannot use"),
+        1,
+        ISSUE,
+    );
+    let hold = stand_in_dir(&state, &ca).join("hold.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !hold.exists() {
+        assert!(std::time::Instant::now() < deadline, "no hold stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mode(&hold), 0o600);
+    let stored: Value = serde_json::from_slice(&std::fs::read(&hold).unwrap()).unwrap();
+    assert_eq!(stored["names"], serde_json::json!(NAMES), "{stored}");
+    drop(fwd);
+    assert_eq!(ca.order_count(), 1);
+
+    // Restarted: the hold is said at ERROR with when it ends, and no order is placed.
+    let backend = backends::echo().await;
+    let args = stand_in_args(&ca.directory_url(), &pki, &state, backend);
+    let fwd = start(&args);
+    let held = fwd
+        .wait_for(
+            |e| msg(e).starts_with("a certificate the CA issued before could not be used"),
+            1,
+            ISSUE,
+        )
+        .remove(0);
+    assert_eq!(held["level"], "ERROR", "{held}");
+    assert!(
+        held["retry_at"].as_str().unwrap().contains("(in 5h59m)")
+            || held["retry_at"].as_str().unwrap().contains("(in 6h0m)"),
+        "{held}"
+    );
+    assert!(
+        held["problem"].as_str().unwrap().contains("cannot be used"),
+        "{held}"
+    );
+    // A fixed interval in which the old code ordered at once.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !has(&fwd, |e| msg(e) == "ordering a certificate"),
+        "{}",
+        fwd.stderr()
+    );
+    assert_eq!(ca.order_count(), 1);
+    echo_through(&fwd, 0, b"still forwarding").await;
+    drop(fwd);
+
+    // Another set of names is another certificate: the hold is lifted.
+    let mut more = args.clone();
+    more.extend(["--acme-domain", "nvr.example.org"].map(String::from));
+    let fwd = start(&more);
+    fwd.wait_for(
+        |e| msg(e).starts_with("the names changed since a certificate from the CA proved unusable"),
+        1,
+        ISSUE,
+    );
+    fwd.wait_for(|e| msg(e) == "ordering a certificate", 1, ISSUE);
+    let deadline = std::time::Instant::now() + ISSUE;
+    while ca.order_count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no second order");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pebble_rejecting_half_the_nonces_still_issues_with_one_order() {
+    let backend = backends::echo().await;
+    let mut pebble = Pebble::new(free_port(), None);
+    pebble.start_with_env(&[("PEBBLE_WFE_NONCEREJECT", "50")]);
+    assert!(
+        pebble
+            .log()
+            .contains("Configured to reject 50% of good nonces"),
+        "{}",
+        pebble.log()
+    );
+    let state = TempDir::new("acme-nonce");
+    let fwd = start(&tcpfwd_args(&pebble, state.path(), backend));
+    fwd.wait_for(issued, 1, ISSUE);
+    assert_eq!(pebble.orders(), 1, "{}", fwd.stderr());
+    // Requests refused three times in a row (past instant-acme's own retries) and repeated by tcpfwd.
+    let repeated = fwd
+        .events()
+        .iter()
+        .filter(|e| msg(e) == "the CA rejected the nonce again; repeating the request")
+        .count();
+    eprintln!("requests repeated by tcpfwd after badNonce: {repeated}");
+    assert!(
+        !has(&fwd, |e| msg(e).starts_with("certificate order failed")),
+        "{}",
+        fwd.stderr()
+    );
+    echo_through(&fwd, 1, b"through the issued certificate").await;
+}
+
+/// The most orders the backoff schedule allows in `interval` from the first:
+/// waits of 5 s doubling (each at least half its step), at least `told`
+/// when the CA gave a Retry-After, at least a minute after a refusal without one.
+fn max_orders(interval: Duration, told: Option<Duration>) -> usize {
+    let mut at = Duration::ZERO;
+    let mut orders = 0;
+    for k in 0..20u32 {
+        if at > interval {
+            break;
+        }
+        orders += 1;
+        let step = (Duration::from_secs(5) * 2u32.pow(k)).min(Duration::from_secs(3600));
+        let wait = match told {
+            Some(t) => (step / 2).max(t),
+            None => (step / 2).max(Duration::from_secs(60)),
+        };
+        at += wait;
+    }
+    orders
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_against_a_refusing_ca_stay_within_the_backoff_schedule_over_20_s() {
+    const INTERVAL: Duration = Duration::from_secs(20);
+    let limited = Script {
+        refuse_orders: Some("1".into()),
+        ..Script::default()
+    };
+    let internal = Script {
+        refusal: Some(("500 Internal Server Error".into(), "serverInternal".into())),
+        ..Script::default()
+    };
+    let stored = due_now();
+    let (a, b) = tokio::join!(
+        against(limited, Some(&stored), &[]),
+        against(internal, Some(&stored), &[])
+    );
+    let (limited, mut fwd_a, _sa, _pa) = a;
+    let (internal, mut fwd_b, _sb, _pb) = b;
+    fwd_a.wait_for(renewal_failed, 1, ISSUE);
+    fwd_b.wait_for(renewal_failed, 1, ISSUE);
+    let first = |ca: &StandInCa| ca.orders.lock().unwrap()[0];
+    let until = first(&limited).max(first(&internal)) + INTERVAL;
+    tokio::time::sleep_until(until.into()).await;
+    let within = |ca: &StandInCa| {
+        let orders = ca.orders.lock().unwrap().clone();
+        orders
+            .iter()
+            .filter(|t| **t <= orders[0] + INTERVAL)
+            .count()
+    };
+    // rateLimited, Retry-After 1 s: 2.5 s, 5 s, 10 s at the least: 4 orders.
+    let allowed = max_orders(INTERVAL, Some(Duration::from_secs(1)));
+    assert_eq!(allowed, 4);
+    let n = within(&limited);
+    assert!(
+        (1..=allowed).contains(&n),
+        "rateLimited: {n} orders in {INTERVAL:?}"
+    );
+    // serverInternal without Retry-After: a minute at the least: 1 order.
+    assert_eq!(max_orders(INTERVAL, None), 1);
+    assert_eq!(within(&internal), 1, "serverInternal");
+    assert!(alive(&mut fwd_a) && alive(&mut fwd_b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acme_profile_is_sent_with_every_order_the_replacement_and_the_plain_one() {
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let script = Script {
+        // A replacement refused (not 429): tcpfwd orders again plainly.
+        refusal: Some(("400 Bad Request".into(), "malformed".into())),
+        ari: Some((
+            fmt(now - time::Duration::hours(2)),
+            fmt(now - time::Duration::hours(1)),
+        )),
+        profiles: Some(vec!["classic".into(), "shortlived".into()]),
+        ..Script::default()
+    };
+    let pki = common::Pki::new();
+    let ca = StandInCa::scripted(&pki, script).await;
+    let backend = backends::echo().await;
+    let state = TempDir::new("acme-profile");
+    store_self_signed(&state, ca.addr.port(), &fresh());
+    let mut args = stand_in_args(&ca.directory_url(), &pki, &state, backend);
+    args.extend(["--acme-profile", "shortlived"].map(String::from));
+    let fwd = start(&args);
+    let order = fwd
+        .wait_for(|e| msg(e) == "ordering a certificate", 1, ISSUE)
+        .remove(0);
+    assert_eq!(order["profile"], "shortlived", "{order}");
+    fwd.wait_for(renewal_failed, 1, ISSUE);
+    let payloads = ca.order_payloads.lock().unwrap().clone();
+    assert_eq!(payloads.len(), 2, "{payloads:?}");
+    assert!(payloads[0]["replaces"].is_string(), "{payloads:?}");
+    assert!(payloads[1].get("replaces").is_none(), "{payloads:?}");
+    for p in &payloads {
+        assert_eq!(p["profile"], "shortlived", "{payloads:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acme_profile_the_ca_does_not_offer_is_an_error_naming_those_it_does() {
+    for (offered, says) in [
+        (
+            Some(vec!["classic".to_string(), "tlsserver".to_string()]),
+            "classic, tlsserver",
+        ),
+        (None, "none: it does not support profiles"),
+    ] {
+        let script = Script {
+            refuse_orders: Some("3600".into()),
+            profiles: offered.clone(),
+            ..Script::default()
+        };
+        let pki = common::Pki::new();
+        let ca = StandInCa::scripted(&pki, script).await;
+        let backend = backends::echo().await;
+        let state = TempDir::new("acme-profile-unknown");
+        let mut args = stand_in_args(&ca.directory_url(), &pki, &state, backend);
+        args.extend(["--acme-profile", "shortlived"].map(String::from));
+        let mut fwd = start(&args);
+        let err = fwd
+            .wait_for(
+                |e| msg(e).starts_with("the CA does not offer the ACME profile asked for"),
+                1,
+                ISSUE,
+            )
+            .remove(0);
+        assert_eq!(err["level"], "ERROR", "{err}");
+        assert_eq!(err["profile"], "shortlived", "{err}");
+        assert_eq!(err["offered"], says, "{err}");
+        assert_eq!(err["retry_in"], "1m0s", "{err}");
+        assert_eq!(ca.order_count(), 0, "{offered:?}");
+        assert_eq!(*ca.accounts.lock().unwrap(), 0, "{offered:?}");
+        assert!(alive(&mut fwd));
+        echo_through(&fwd, 0, b"forwarding on the placeholder").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_address_certificate_from_pebble_is_served_to_clients_without_sni() {
+    require_tool("openssl");
+    let backend = backends::echo().await;
+    let mut pebble = Pebble::new(free_port(), None);
+    pebble.start();
+    let state = TempDir::new("acme-ip");
+    let port = pebble.tls_port;
+    let args: Vec<String> = [
+        "--map",
+        &format!("127.0.0.1:{port}:{backend}"),
+        "--map",
+        &format!("[::1]:{port}:{backend}"),
+        "--map",
+        &format!("127.0.0.1:0:{backend}"),
+        "--acme-ip",
+        "127.0.0.1",
+        "--acme-ip",
+        "::1",
+        "--acme-directory",
+        &pebble.directory_url(),
+        "--acme-ca-root",
+        pebble.ca_root().to_str().unwrap(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let fwd = start(&args);
+    let answering: Vec<String> = fwd
+        .wait_for(
+            |e| msg(e) == "answering the tls-alpn-01 challenge",
+            2,
+            ISSUE,
+        )
+        .iter()
+        .map(|e| e["server_name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        answering.contains(&"1.0.0.127.in-addr.arpa".to_string()),
+        "{answering:?}"
+    );
+    assert!(
+        answering.contains(&format!("1.{}ip6.arpa", "0.".repeat(31))),
+        "{answering:?}"
+    );
+    let ev = fwd.wait_for(issued, 1, ISSUE).remove(0);
+    assert_eq!(pebble.orders(), 1);
+
+    // openssl without -servername sends no SNI to an address: it gets the
+    // issued certificate, which verifies for the address.
+    let root = pebble.dir.join("root.pem");
+    std::fs::write(&root, pebble.root_pem().await).unwrap();
+    let served = fwd.addr(2).port();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{served} -noservername -verify_ip 127.0.0.1 \
+             -CAfile {} -verify_return_error </dev/null 2>&1",
+            root.display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{served} -noservername </dev/null 2>/dev/null \
+             | openssl x509 -noout -ext subjectAltName -fingerprint -sha256"
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("IP Address:127.0.0.1"), "{text}");
+    assert!(text.contains("IP Address:0:0:0:0:0:0:0:1"), "{text}");
+    assert!(text.contains(ev["sha256"].as_str().unwrap()), "{text}");
+    // And over IPv6, by address.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect '[::1]:{port}' -noservername -verify_ip ::1 \
+             -CAfile {} -verify_return_error </dev/null 2>&1",
+            root.display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    drop(fwd);
+
+    // Restarted: the stored certificate covers both addresses, no new order.
+    let fwd = start(&args);
+    fwd.wait_for(|e| msg(e) == "renewal scheduled", 1, ISSUE);
+    assert!(
+        !has(&fwd, |e| msg(e) == "ordering a certificate"),
+        "{}",
+        fwd.stderr()
+    );
+    assert_eq!(pebble.orders(), 1);
 }

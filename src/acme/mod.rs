@@ -26,6 +26,10 @@ use crate::tls::{self, CertResolver, TlsRouter};
 pub mod state;
 
 mod client;
+mod hold;
+mod ip;
+
+use self::hold::{Hold, HOLD_FILE};
 
 use self::client::{Failure, Http};
 
@@ -73,12 +77,48 @@ const RESTART_CAP: Duration = Duration::from_secs(3600);
 /// (or within a third of a short certificate's lifetime), once per this interval.
 const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 86_400);
 const EXPIRY_REPEAT: Duration = Duration::from_secs(86_400);
+/// Certificates shorter than this renew with half their lifetime left, not a
+/// third (Let's Encrypt's 6-day shortlived profile: day 3, leaving the expiry
+/// watch, which starts with a third left, a day of quiet retries); as Certbot 4.
+const SHORT_LIFETIME: Duration = Duration::from_secs(10 * 86_400);
+/// How many more times a request the CA rejected with badNonce is repeated,
+/// beyond instant-acme's own two retries: a rejected request had no effect,
+/// so repeating it never places a second order.
+const BAD_NONCE_RETRIES: u32 = 4;
+
+/// Runs `$call` (an instant-acme request) again while the CA answers
+/// badNonce, at most [`BAD_NONCE_RETRIES`] more times.
+macro_rules! nonce_retry {
+    ($step:expr, $call:expr) => {{
+        let mut left = BAD_NONCE_RETRIES;
+        loop {
+            match $call {
+                Err(e) if left > 0 && is_bad_nonce(&e) => {
+                    left -= 1;
+                    tracing::debug!(
+                        step = $step,
+                        "the CA rejected the nonce again; repeating the request"
+                    );
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+/// Whether the CA refused a request for its nonce only (RFC 8555 section 6.5).
+fn is_bad_nonce(e: &instant_acme::Error) -> bool {
+    matches!(e, instant_acme::Error::Api(p)
+        if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce"))
+}
 
 /// What we know about a certificate we serve.
 #[derive(Debug, Clone)]
 pub struct CertInfo {
     /// DNS names in its subjectAltName.
     pub names: Vec<String>,
+    /// IP addresses in its subjectAltName.
+    pub ips: Vec<std::net::IpAddr>,
     /// Start of validity.
     pub not_before: SystemTime,
     /// End of validity.
@@ -99,8 +139,10 @@ impl CertInfo {
             Err(_) => UNIX_EPOCH,
         };
         let names = cert.dns_names().map_err(unreadable)?;
+        let ips = tls::ip_addresses(leaf.as_ref())?;
         Ok(CertInfo {
             names,
+            ips,
             not_before: to_time(cert.not_before),
             not_after: to_time(cert.not_after),
             sha256: tls::sha256_fingerprint(leaf),
@@ -108,13 +150,11 @@ impl CertInfo {
         })
     }
 
-    /// The configured names this certificate lacks.
-    fn missing<'a>(&self, wanted: &'a [String]) -> Vec<&'a str> {
-        wanted
-            .iter()
-            .filter(|w| !self.names.contains(w))
-            .map(String::as_str)
-            .collect()
+    /// The configured names and addresses this certificate lacks.
+    fn missing(&self, cfg: &AcmeConfig) -> Vec<String> {
+        let names = cfg.domains.iter().filter(|w| !self.names.contains(w));
+        let ips = cfg.ips.iter().filter(|ip| !self.ips.contains(ip));
+        names.cloned().chain(ips.map(|ip| ip.to_string())).collect()
     }
 }
 
@@ -134,7 +174,8 @@ pub fn ari_identifier(leaf: &CertificateDer<'_>) -> Result<CertificateIdentifier
 
 /// When to renew: a random point in the CA's ARI window when it gave a usable
 /// one, otherwise when a third of the lifetime remains (day 60 of 90, day 30
-/// of 45, day 4 of 6). `random` is in [0, 1). A time in the past means now.
+/// of 45), or half of it for one shorter than [`SHORT_LIFETIME`] (day 3 of 6).
+/// `random` is in [0, 1). A time in the past means now.
 pub fn renewal_time(
     not_before: SystemTime,
     not_after: SystemTime,
@@ -150,7 +191,45 @@ pub fn renewal_time(
     let lifetime = not_after
         .duration_since(not_before)
         .unwrap_or(Duration::ZERO);
-    not_after - lifetime / 3
+    if lifetime < SHORT_LIFETIME {
+        not_after - lifetime / 2
+    } else {
+        not_after - lifetime / 3
+    }
+}
+
+/// The lifetime rule [`renewal_time`] applies, for the log.
+fn lifetime_rule(not_before: SystemTime, not_after: SystemTime) -> &'static str {
+    match not_after.duration_since(not_before) {
+        Ok(l) if l < SHORT_LIFETIME => "half the lifetime left (a short-lived certificate)",
+        _ => "a third of the lifetime left",
+    }
+}
+
+/// Whether IP addresses are asked of Let's Encrypt without its shortlived
+/// profile, the only one on which it issues them.
+fn ip_needs_shortlived(cfg: &AcmeConfig) -> bool {
+    let lets_encrypt = [
+        crate::config::LETS_ENCRYPT,
+        crate::config::LETS_ENCRYPT_STAGING,
+    ];
+    !cfg.ips.is_empty()
+        && cfg.profile.as_deref() != Some("shortlived")
+        && lets_encrypt.contains(&cfg.directory.as_str())
+}
+
+/// Every identifier of the configuration, DNS names then IP addresses.
+fn identifiers(cfg: &AcmeConfig) -> Vec<Identifier> {
+    let names = cfg.domains.iter().cloned().map(Identifier::Dns);
+    names
+        .chain(cfg.ips.iter().copied().map(Identifier::Ip))
+        .collect()
+}
+
+/// The identifiers as text, as a hold and the log name them.
+fn identifier_names(cfg: &AcmeConfig) -> Vec<String> {
+    let ips = cfg.ips.iter().map(|ip| ip.to_string());
+    cfg.domains.iter().cloned().chain(ips).collect()
 }
 
 /// Exponential backoff with jitter, capped near an hour, that honours `Retry-After`.
@@ -249,6 +328,8 @@ struct DirectoryInfo {
     terms_of_service: Option<String>,
     /// The `renewalInfo` URL (ARI), if the CA offers it.
     renewal_info: Option<String>,
+    /// The names in `meta.profiles`; `None` if the CA has no profiles.
+    profiles: Option<Vec<String>>,
     fetched: SystemTime,
     /// The whole document, from which the account is restored (so that
     /// instant-acme does not fetch the directory a second time).
@@ -302,6 +383,13 @@ pub fn prepare(
 ) -> anyhow::Result<(CertifiedKey, Task)> {
     let state = StateDir::open(&cfg.state_dir, &cfg.directory)?;
     let http = Http::new(cfg.ca_root.as_deref(), provider)?;
+    if ip_needs_shortlived(cfg) {
+        tracing::warn!(
+            ips = ?cfg.ips,
+            directory = %cfg.directory,
+            "Let's Encrypt issues certificates for IP addresses only on its shortlived profile; add --acme-profile shortlived, or the order will be refused"
+        );
+    }
     recover_issued(&state, provider);
     let stored = load_stored(&state.path(""), provider);
     let (key, current, order_reason) = match stored {
@@ -309,6 +397,7 @@ pub fn prepare(
             tracing::info!(
                 cert = %s.file.display(),
                 names = ?s.info.names,
+                ips = ?s.info.ips,
                 expires = %fmt_time(s.info.not_after),
                 sha256 = %s.info.sha256,
                 "serving the stored certificate"
@@ -334,7 +423,7 @@ pub fn prepare(
                     format!("stored certificate unusable: {}", why.problem)
                 }
             };
-            let ss = tls::self_signed(&cfg.domains, provider)?;
+            let ss = tls::self_signed(&identifier_names(cfg), provider)?;
             tracing::info!(
                 names = ?ss.names,
                 sha256 = %ss.fingerprint,
@@ -573,6 +662,35 @@ fn is_problem(e: &anyhow::Error, kind: &str) -> bool {
     })
 }
 
+/// The configured profile is not among those the directory lists.
+#[derive(Debug)]
+struct ProfileNotOffered {
+    profile: String,
+    offered: Option<Vec<String>>,
+}
+
+impl ProfileNotOffered {
+    fn offered(&self) -> String {
+        match &self.offered {
+            Some(p) if !p.is_empty() => p.join(", "),
+            _ => "none: it does not support profiles".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ProfileNotOffered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the CA does not offer the ACME profile '{}' (it offers {}); check --acme-profile",
+            self.profile,
+            self.offered()
+        )
+    }
+}
+
+impl std::error::Error for ProfileNotOffered {}
+
 /// A local problem with what the CA issued: never a reason to order again soon.
 #[derive(Debug)]
 struct UnusableIssued(String);
@@ -607,6 +725,8 @@ struct Manager {
     expiry_logged: Option<SystemTime>,
     /// The terms of service and ARI URL last logged.
     logged_directory: Option<(Option<String>, Option<String>)>,
+    /// No orders until it ends (stored as [`HOLD_FILE`]).
+    hold: Option<Hold>,
 }
 
 /// Called after each certificate swap, and when the ACME warning for
@@ -655,6 +775,7 @@ impl Task {
                     logged_renewal: None,
                     expiry_logged: None,
                     logged_directory: None,
+                    hold: None,
                 };
                 let started = std::time::Instant::now();
                 let hook = std::mem::take(&mut panic_hook);
@@ -734,6 +855,7 @@ impl Manager {
     async fn run(mut self, panic_hook: bool) {
         let mut backoff = Backoff::default();
         let mut changes = self.shared.current.subscribe();
+        self.load_hold().await;
         loop {
             if panic_hook {
                 panic!("{PANIC_HOOK} is set");
@@ -778,6 +900,28 @@ impl Manager {
                     if self.expiry_logged.take().is_some() {
                         (self.on_status)(None);
                     }
+                    self.set_hold(None).await;
+                    // What the CA issued lacks a name: ordering again would
+                    // get the same, so wait as after an unusable certificate.
+                    let lacking = self
+                        .shared
+                        .current
+                        .borrow()
+                        .as_ref()
+                        .map(|c| c.missing(&self.shared.cfg))
+                        .unwrap_or_default();
+                    if !lacking.is_empty() {
+                        let problem = format!(
+                            "the certificate the CA issued does not cover {}",
+                            lacking.join(", ")
+                        );
+                        tracing::error!(
+                            error = %problem,
+                            retry_in = %fmt_duration(LOCAL_PROBLEM_WAIT),
+                            "the CA issued a certificate without some of the names asked for; serving it, and not ordering again for hours"
+                        );
+                        self.set_hold(Some(problem)).await;
+                    }
                 }
                 Err(e) if e.chain().any(|c| c.is::<UnusableIssued>()) => {
                     self.shared.http.take_failure();
@@ -787,7 +931,29 @@ impl Manager {
                         "the CA issued a certificate that tcpfwd cannot use; not ordering again for hours, to spare the CA's duplicate-certificate limit"
                     );
                     self.expiry_watch(&format!("{e:#}"));
-                    tokio::time::sleep(LOCAL_PROBLEM_WAIT).await;
+                    self.set_hold(Some(format!("{e:#}"))).await;
+                }
+                Err(e) if e.chain().any(|c| c.is::<ProfileNotOffered>()) => {
+                    let failure = self.shared.http.take_failure();
+                    let told = failure
+                        .as_ref()
+                        .and_then(|f| f.retry_after)
+                        .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default());
+                    let wait = failure_wait(&mut backoff, random(), told, true);
+                    let offered = e
+                        .chain()
+                        .find_map(|c| c.downcast_ref::<ProfileNotOffered>())
+                        .map(ProfileNotOffered::offered)
+                        .unwrap_or_default();
+                    tracing::error!(
+                        profile = self.shared.cfg.profile.as_deref().unwrap_or(""),
+                        offered,
+                        directory = %self.shared.cfg.directory,
+                        retry_in = %fmt_duration(wait),
+                        "the CA does not offer the ACME profile asked for; no order placed: set --acme-profile (acme.profile) to one it offers, or drop it"
+                    );
+                    self.expiry_watch(&format!("{e:#}"));
+                    tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
                     let failure = self.shared.http.take_failure();
@@ -807,6 +973,75 @@ impl Manager {
                     tokio::time::sleep(wait).await;
                 }
             }
+        }
+    }
+
+    /// Reads the stored hold: one for these names is honoured (and said at
+    /// ERROR), one for other names is lifted.
+    async fn load_hold(&mut self) {
+        let path = self.shared.state.path(HOLD_FILE);
+        let bytes = match self.shared.state.read(HOLD_FILE) {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), "cannot read the stored hold on orders: {e}; ignoring it");
+                return;
+            }
+        };
+        let names = identifier_names(&self.shared.cfg);
+        match Hold::from_bytes(&bytes) {
+            Ok(h) if !h.is_for(&names) => {
+                tracing::info!(
+                    file = %path.display(),
+                    held_names = ?h.names,
+                    names = ?names,
+                    "the names changed since a certificate from the CA proved unusable; ordering is allowed again"
+                );
+                self.set_hold(None).await;
+            }
+            Ok(h) if h.until() > SystemTime::now() => {
+                tracing::error!(
+                    problem = %h.problem,
+                    retry_at = %when(h.until()),
+                    file = %path.display(),
+                    "a certificate the CA issued before could not be used; not ordering again until the hold ends (fix the problem, then delete the file to order at once)"
+                );
+                self.hold = Some(h);
+            }
+            Ok(_) => self.set_hold(None).await,
+            Err(why) => {
+                tracing::warn!(file = %path.display(), problem = %why, "ignoring a damaged hold file");
+                self.set_hold(None).await;
+            }
+        }
+    }
+
+    /// Stores a hold of [`LOCAL_PROBLEM_WAIT`] for `problem`, or lifts it (`None`).
+    async fn set_hold(&mut self, problem: Option<String>) {
+        let state = &self.shared.state;
+        let result = match problem {
+            Some(problem) => {
+                let h = Hold::new(
+                    LOCAL_PROBLEM_WAIT,
+                    identifier_names(&self.shared.cfg),
+                    problem,
+                );
+                let bytes = h.to_bytes();
+                self.hold = Some(h);
+                state.write_blocking(HOLD_FILE, bytes).await
+            }
+            None => {
+                if self.hold.take().is_none() && !state.path(HOLD_FILE).exists() {
+                    return;
+                }
+                state.remove_blocking(HOLD_FILE).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(
+                file = %state.path(HOLD_FILE).display(),
+                "cannot store the hold on orders: {e}; a restart may order again before it ends"
+            );
         }
     }
 
@@ -881,8 +1116,24 @@ impl Manager {
         }
     }
 
-    /// Decides whether to order now or how long to sleep first.
+    /// Decides whether to order now or how long to sleep first; while a hold
+    /// lasts, an order waits for its end.
     async fn schedule(&mut self) -> Next {
+        let next = self.schedule_unheld().await;
+        let Some(h) = &self.hold else {
+            return next;
+        };
+        match (&next, h.until().duration_since(SystemTime::now())) {
+            (Next::Order(_), Ok(left)) => Next::Sleep(left.min(MAX_SLEEP)),
+            (Next::Order(_), Err(_)) => {
+                self.set_hold(None).await;
+                next
+            }
+            (Next::Sleep(_), _) => next,
+        }
+    }
+
+    async fn schedule_unheld(&mut self) -> Next {
         let current = self.shared.current.borrow().clone();
         if let Some(cur) = &current {
             // A new certificate (issued, or re-read by a reload): its own ARI state.
@@ -901,7 +1152,7 @@ impl Manager {
         let Some(cur) = current else {
             return Next::Order("no certificate".into());
         };
-        let missing = cur.missing(&self.shared.cfg.domains);
+        let missing = cur.missing(&self.shared.cfg);
         if !missing.is_empty() {
             return Next::Order(format!(
                 "the current certificate does not cover {}",
@@ -924,7 +1175,7 @@ impl Manager {
             }
             None => (
                 renewal_time(cur.not_before, cur.not_after, None, 0.0),
-                "a third of the lifetime left",
+                lifetime_rule(cur.not_before, cur.not_after),
             ),
         };
         match at.duration_since(now) {
@@ -1074,6 +1325,9 @@ impl Manager {
         let info = DirectoryInfo {
             terms_of_service: doc["meta"]["termsOfService"].as_str().map(str::to_owned),
             renewal_info: doc["renewalInfo"].as_str().map(str::to_owned),
+            profiles: doc["meta"]["profiles"]
+                .as_object()
+                .map(|m| m.keys().cloned().collect()),
             fetched: SystemTime::now(),
             document: doc,
         };
@@ -1086,7 +1340,7 @@ impl Manager {
                 directory = %url,
                 terms_of_service = info.terms_of_service.as_deref().unwrap_or("(none given)"),
                 renewal_info = info.renewal_info.is_some(),
-                "using ACME CA; its terms of service apply to the account tcpfwd uses (agreed by passing --acme-domain)"
+                "using ACME CA; its terms of service apply to the account tcpfwd uses (agreed by passing --acme-domain or --acme-ip)"
             );
             self.logged_directory =
                 Some((info.terms_of_service.clone(), info.renewal_info.clone()));
@@ -1167,18 +1421,18 @@ impl Manager {
             .eab
             .as_ref()
             .map(|e| ExternalAccountKey::new(e.kid.clone(), &e.hmac_key.0));
-        let (account, creds) = instant_acme::Account::builder_with_http(self.shared.http.boxed())
-            .create(
-                &NewAccount {
-                    contact: &contact,
-                    terms_of_service_agreed: true,
-                    only_return_existing: false,
-                },
-                cfg.directory.clone(),
-                eab.as_ref(),
-            )
-            .await
-            .with_context(|| format!("cannot create an ACME account at {}", cfg.directory))?;
+        let new_account = NewAccount {
+            contact: &contact,
+            terms_of_service_agreed: true,
+            only_return_existing: false,
+        };
+        let (account, creds) = nonce_retry!(
+            "new account",
+            instant_acme::Account::builder_with_http(self.shared.http.boxed())
+                .create(&new_account, cfg.directory.clone(), eab.as_ref())
+                .await
+        )
+        .with_context(|| format!("cannot create an ACME account at {}", cfg.directory))?;
         let json = serde_json::to_vec_pretty(&creds).context("serializing the account")?;
         let path = self.shared.state.path(ACCOUNT_FILE);
         self.shared
@@ -1199,9 +1453,20 @@ impl Manager {
     /// One order, start to finish; on success the new certificate is served and stored.
     async fn order(&mut self, reason: &str) -> anyhow::Result<()> {
         let dir = self.directory().await?;
-        let account = self.account().await?;
         let cfg = self.shared.cfg.clone();
-        let ids: Vec<Identifier> = cfg.domains.iter().cloned().map(Identifier::Dns).collect();
+        // Checked before the account and the order: a profile the CA does not
+        // list would only be refused.
+        if let Some(p) = &cfg.profile {
+            if !dir.profiles.as_ref().is_some_and(|l| l.contains(p)) {
+                return Err(ProfileNotOffered {
+                    profile: p.clone(),
+                    offered: dir.profiles.clone(),
+                }
+                .into());
+            }
+        }
+        let account = self.account().await?;
+        let ids = identifiers(&cfg);
         let current = self.shared.current.borrow().clone();
         let replaces = match (&current, &dir.renewal_info) {
             (Some(cur), Some(_)) => ari_identifier(&cur.leaf).ok(),
@@ -1209,20 +1474,32 @@ impl Manager {
         };
         let renewal = current.is_some();
         tracing::info!(
-            names = ?cfg.domains,
+            names = ?identifier_names(&cfg),
             directory = %cfg.directory,
+            profile = cfg.profile.as_deref(),
             reason,
             "ordering a certificate"
         );
-        let mut new_order = NewOrder::new(&ids);
-        if let Some(r) = replaces.clone() {
-            new_order = new_order.replaces(r);
-        }
-        let first = account.new_order(&new_order).await;
+        // Every order, the plain one after a refused replacement too, asks
+        // for the profile: a renewal must not fall back to the CA's default.
+        let new_order = |replaces: Option<CertificateIdentifier<'static>>| {
+            let mut o = NewOrder::new(&ids);
+            if let Some(p) = cfg.profile.as_deref() {
+                o = o.profile(p);
+            }
+            if let Some(r) = replaces {
+                o = o.replaces(r);
+            }
+            o
+        };
+        let first = nonce_retry!(
+            "new order",
+            account.new_order(&new_order(replaces.clone())).await
+        );
         let mut order = match first {
             Err(instant_acme::Error::Api(p)) if replaces.is_some() && p.status != Some(429) => {
                 tracing::debug!(problem = %p, "the CA refused the order as a replacement; ordering plainly");
-                account.new_order(&NewOrder::new(&ids)).await
+                nonce_retry!("new order", account.new_order(&new_order(None)).await)
             }
             other => other,
         }
@@ -1240,9 +1517,7 @@ impl Manager {
                 );
                 self.account = None;
                 let account = self.account().await?;
-                order = account
-                    .new_order(&NewOrder::new(&ids))
-                    .await
+                order = nonce_retry!("new order", account.new_order(&new_order(None)).await)
                     .map_err(anyhow::Error::new);
             }
         }
@@ -1253,41 +1528,64 @@ impl Manager {
             names: Vec::new(),
         };
         let provider = self.shared.provider.clone();
-        let mut authzs = order.authorizations();
-        while let Some(authz) = authzs.next().await {
-            let mut authz = authz.context("fetching an authorization")?;
-            let name = authz.identifier().to_string();
-            match authz.status {
-                AuthorizationStatus::Pending => {}
-                AuthorizationStatus::Valid => continue,
-                other => bail!("the CA reports the authorization for {name} as {other:?}"),
+        // An authorization whose fetch was refused for its nonce is fetched
+        // again on the next pass; those answered already are skipped.
+        let mut answered: Vec<String> = Vec::new();
+        for pass in 0..=BAD_NONCE_RETRIES {
+            let mut again = false;
+            let mut authzs = order.authorizations();
+            while let Some(authz) = authzs.next().await {
+                let mut authz = match authz {
+                    Err(e) if pass < BAD_NONCE_RETRIES && is_bad_nonce(&e) => {
+                        again = true;
+                        continue;
+                    }
+                    other => other.context("fetching an authorization")?,
+                };
+                let ident = authz.identifier();
+                let name = ident.to_string();
+                // An IP address is validated under its reverse-DNS name (RFC 8738 section 6).
+                let sni = match ident.identifier {
+                    Identifier::Ip(addr) => ip::reverse_dns_name(*addr),
+                    _ => name.clone(),
+                };
+                if answered.contains(&name) {
+                    continue;
+                }
+                match authz.status {
+                    AuthorizationStatus::Pending => {}
+                    AuthorizationStatus::Valid => continue,
+                    other => bail!("the CA reports the authorization for {name} as {other:?}"),
+                }
+                let offered: Vec<String> = authz
+                    .challenges
+                    .iter()
+                    .map(|c| format!("{:?}", c.r#type))
+                    .collect();
+                let mut challenge = authz.challenge(ChallengeType::TlsAlpn01).ok_or_else(|| {
+                    anyhow!(
+                        "the CA offers no tls-alpn-01 challenge for {name} (it offers {}); tcpfwd answers only tls-alpn-01",
+                        offered.join(", ")
+                    )
+                })?;
+                let digest = challenge.key_authorization().digest();
+                let cert = challenge_cert(&name, digest.as_ref(), &provider)?;
+                self.router.add_challenge(&sni, cert, provider.clone())?;
+                challenges.names.push(sni.clone());
+                tracing::info!(name = %name, server_name = %sni, "answering the tls-alpn-01 challenge");
+                nonce_retry!("challenge ready", challenge.set_ready().await)
+                    .with_context(|| format!("telling the CA the challenge for {name} is ready"))?;
+                answered.push(name);
             }
-            let offered: Vec<String> = authz
-                .challenges
-                .iter()
-                .map(|c| format!("{:?}", c.r#type))
-                .collect();
-            let mut challenge = authz.challenge(ChallengeType::TlsAlpn01).ok_or_else(|| {
-                anyhow!(
-                    "the CA offers no tls-alpn-01 challenge for {name} (it offers {}); tcpfwd answers only tls-alpn-01",
-                    offered.join(", ")
-                )
-            })?;
-            let digest = challenge.key_authorization().digest();
-            let cert = challenge_cert(&name, digest.as_ref(), &provider)?;
-            self.router.add_challenge(&name, cert, provider.clone())?;
-            challenges.names.push(name.clone());
-            tracing::info!(name = %name, "answering the tls-alpn-01 challenge");
-            challenge
-                .set_ready()
-                .await
-                .with_context(|| format!("telling the CA the challenge for {name} is ready"))?;
+            if !again {
+                break;
+            }
         }
         let policy = RetryPolicy::new()
             .initial_delay(Duration::from_millis(500))
             .backoff(1.5)
             .timeout(Duration::from_secs(180));
-        let ready = order.poll_ready(&policy).await;
+        let ready = nonce_retry!("order poll", order.poll_ready(&policy).await);
         if !matches!(ready, Ok(OrderStatus::Ready)) {
             let mut why = Vec::new();
             let mut authzs = order.authorizations();
@@ -1313,10 +1611,9 @@ impl Manager {
         }
         drop(challenges);
 
-        let key_pem = order.finalize().await.context("finalizing the order")?;
-        let chain_pem = order
-            .poll_certificate(&policy)
-            .await
+        let key_pem =
+            nonce_retry!("finalize", order.finalize().await).context("finalizing the order")?;
+        let chain_pem = nonce_retry!("certificate", order.poll_certificate(&policy).await)
             .context("downloading the certificate")?;
         // Stored before it is read: whatever goes wrong below is ours, and
         // the CA's certificate must not be lost (nor ordered again) for it.
@@ -1369,6 +1666,7 @@ impl Manager {
             .unwrap_or_default();
         tracing::info!(
             names = ?info.names,
+            ips = ?info.ips,
             expires = %fmt_time(info.not_after),
             lifetime = %fmt_duration(lifetime),
             sha256 = %info.sha256,
@@ -1401,9 +1699,16 @@ mod tests {
     fn lifetime_rule_renews_with_a_third_left() {
         assert_eq!(renewal_time(t(0), t(90), None, 0.7), t(60));
         assert_eq!(renewal_time(t(0), t(45), None, 0.7), t(30));
-        assert_eq!(renewal_time(t(0), t(6), None, 0.7), t(4));
+        // Short-lived (under 10 days, Let's Encrypt's 6-day profile): half left.
+        assert_eq!(renewal_time(t(0), t(6), None, 0.7), t(3));
+        assert_eq!(renewal_time(t(0), t(10), None, 0.7), t(0) + DAY * 20 / 3);
         let short = renewal_time(t(0), t(0) + Duration::from_secs(30), None, 0.0);
-        assert_eq!(short, t(0) + Duration::from_secs(20));
+        assert_eq!(short, t(0) + Duration::from_secs(15));
+        assert_eq!(
+            lifetime_rule(t(0), t(6)),
+            "half the lifetime left (a short-lived certificate)"
+        );
+        assert_eq!(lifetime_rule(t(0), t(90)), "a third of the lifetime left");
     }
 
     #[test]
@@ -1496,6 +1801,31 @@ mod tests {
         assert_eq!(back["urls"]["meta"]["profiles"]["classic"], "90 days");
         assert!(back["directory"].is_null(), "{back}");
         assert!(with_directory(b"[]", &doc).is_err());
+    }
+
+    #[test]
+    fn ip_addresses_at_lets_encrypt_want_the_shortlived_profile() {
+        let mut cfg = AcmeConfig {
+            domains: vec!["a.example.org".into()],
+            ips: vec![],
+            profile: None,
+            contact: None,
+            directory: crate::config::LETS_ENCRYPT.into(),
+            ca_root: None,
+            eab: None,
+            state_dir: "/tmp/x".into(),
+        };
+        assert!(!ip_needs_shortlived(&cfg));
+        cfg.ips = vec!["203.0.113.7".parse().unwrap()];
+        assert!(ip_needs_shortlived(&cfg));
+        cfg.profile = Some("classic".into());
+        assert!(ip_needs_shortlived(&cfg));
+        cfg.profile = Some("shortlived".into());
+        assert!(!ip_needs_shortlived(&cfg));
+        cfg.profile = None;
+        cfg.directory = "https://ca.example/dir".into();
+        assert!(!ip_needs_shortlived(&cfg));
+        assert_eq!(identifier_names(&cfg), ["a.example.org", "203.0.113.7"]);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The state directory: a lock against a second tcpfwd, and files written atomically with mode 0600.
 //!
 //! Layout: `<state-dir>/lock`, and one sub-directory per ACME CA (named after
-//! its directory URL) holding `account.json`, `cert.pem` and `key.pem`, so that
-//! switching from staging to production never serves a staging certificate.
+//! its directory URL) holding `account.json`, `pair.pem` and (after an unusable
+//! certificate) `hold.json`, so that switching from staging to production never
+//! serves a staging certificate.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -169,6 +170,19 @@ impl StateDir {
     pub async fn write_blocking(self: &Arc<Self>, name: &str, bytes: Vec<u8>) -> io::Result<()> {
         let (me, name) = (self.clone(), name.to_string());
         blocking(move || me.write(&name, &bytes)).await
+    }
+
+    /// On the blocking pool: removes a file (gone already is fine) and makes that durable.
+    pub async fn remove_blocking(self: &Arc<Self>, name: &str) -> io::Result<()> {
+        let (me, name) = (self.clone(), name.to_string());
+        blocking(move || {
+            match fs::remove_file(me.path(&name)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                other => other?,
+            }
+            File::open(&me.dir)?.sync_all()
+        })
+        .await
     }
 
     /// [`StateDir::move_aside`] on the blocking pool.

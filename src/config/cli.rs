@@ -76,7 +76,10 @@ ACME:
   map must listen there and the name's DNS must point here. Using it agrees
   to the CA's terms of service (their address is logged). Until the first
   certificate arrives a self-signed placeholder is served; the certificate
-  is kept in --state-dir and renewed in the background.
+  is kept in --state-dir and renewed in the background. --acme-ip ADDR
+  adds an IP address (for clients that connect by address; Let's Encrypt
+  wants --acme-profile shortlived for it), and --acme-profile picks one of
+  the profiles the CA's directory lists.
     tcpfwd --map 443:dvr.lan:80 --acme-domain cams.example.org \\
            --acme-email me@example.org --acme-staging
 
@@ -387,6 +390,24 @@ pub struct RunArgs {
     )]
     pub acme_domains: Vec<String>,
 
+    /// Also get the certificate for this IP address (RFC 8738; repeatable), for
+    /// a fixed public address without a DNS name: proven over TLS-ALPN-01 at
+    /// ADDR port 443, and served to clients that connect by address (they send
+    /// no server name). Let's Encrypt issues these only on the shortlived
+    /// profile: add --acme-profile shortlived.
+    #[arg(
+        long = "acme-ip",
+        value_name = "ADDR",
+        conflicts_with_all = ["cert", "key", "self_signed_names"]
+    )]
+    pub acme_ips: Vec<std::net::IpAddr>,
+
+    /// ACME profile to ask the CA for, one its directory lists (Let's Encrypt:
+    /// classic, tlsserver, shortlived for 6-day certificates); kept for every
+    /// renewal. [default: the CA's default]
+    #[arg(long, value_name = "NAME")]
+    pub acme_profile: Option<String>,
+
     /// Contact address given to the CA with the account, for the CA to reach
     /// you about the account or its certificates (optional). Let's Encrypt no
     /// longer sends expiry warnings: tcpfwd logs an ERROR itself when the
@@ -538,11 +559,12 @@ impl RunArgs {
             (self.acme_staging, "--acme-staging"),
             (self.acme_ca_root.is_some(), "--acme-ca-root"),
             (self.acme_eab_kid.is_some(), "--acme-eab-kid"),
+            (self.acme_profile.is_some(), "--acme-profile"),
         ];
-        if self.acme_domains.is_empty() && self.config.is_none() {
+        if self.acme_domains.is_empty() && self.acme_ips.is_empty() && self.config.is_none() {
             if let Some((_, flag)) = acme_only.iter().find(|(set, _)| *set) {
                 return Err(format!(
-                    "{flag} needs --acme-domain (or an [acme] table in --config)"
+                    "{flag} needs --acme-domain or --acme-ip (or an [acme] table in --config)"
                 ));
             }
         }
@@ -605,8 +627,10 @@ impl RunArgs {
                 .collect(),
             self_signed_names: self.self_signed_names.clone(),
             acme: AcmeLayer {
-                enabled: !self.acme_domains.is_empty(),
+                enabled: !self.acme_domains.is_empty() || !self.acme_ips.is_empty(),
                 domains: self.acme_domains.clone(),
+                ips: self.acme_ips.clone(),
+                profile: self.acme_profile.clone(),
                 email: self.acme_email.clone(),
                 directory: self.acme_directory.clone(),
                 staging: self.acme_staging.then_some(true),
@@ -833,5 +857,34 @@ mod tests {
         }
         let e = cfg(&["--acme-domain", "a.org", "--acme-directory", "http://x/dir"]).unwrap_err();
         assert!(e.contains("https://"), "{e}");
+        // IP addresses, alone or with names, and a profile.
+        let c = cfg(&[
+            "--acme-ip",
+            "203.0.113.7",
+            "--acme-ip",
+            "2001:db8::7",
+            "--acme-ip",
+            "203.0.113.7",
+            "--acme-profile",
+            "shortlived",
+        ])
+        .unwrap();
+        let CertSource::Acme(a) = &c.cert else {
+            panic!("{c:?}")
+        };
+        assert!(a.domains.is_empty());
+        assert_eq!(a.ips.len(), 2);
+        assert_eq!(a.profile.as_deref(), Some("shortlived"));
+        let e = cfg(&["--acme-ip", "0.0.0.0"]).unwrap_err();
+        assert!(e.contains("invalid --acme-ip '0.0.0.0'"), "{e}");
+        let e = cfg(&["--acme-ip", "203.0.113.7", "--acme-profile", "short lived"]).unwrap_err();
+        assert!(e.contains("invalid --acme-profile 'short lived'"), "{e}");
+        let cli =
+            Cli::try_parse_from(["tcpfwd", "--map", "443:a:80", "--acme-profile", "x"]).unwrap();
+        let e = cli.args().to_layer().unwrap_err();
+        assert!(
+            e.contains("--acme-profile needs --acme-domain or --acme-ip"),
+            "{e}"
+        );
     }
 }

@@ -220,6 +220,8 @@ const TABLES: &[(&str, &[&str])] = &[
             "ca_root",
             "eab_kid",
             "eab_hmac_key",
+            "ips",
+            "profile",
         ],
     ),
 ];
@@ -451,6 +453,8 @@ struct CertDoc {
 #[serde(deny_unknown_fields, expecting = "an [acme] table")]
 struct AcmeDoc {
     domains: Option<Vec<Spanned<String>>>,
+    ips: Option<Vec<Spanned<String>>>,
+    profile: Option<Spanned<String>>,
     email: Option<Spanned<String>>,
     directory: Option<Spanned<String>>,
     staging: Option<bool>,
@@ -808,7 +812,7 @@ fn acme(src: &Source, a: &Spanned<AcmeDoc>) -> Result<AcmeLayer, String> {
         let why = if name.starts_with("*.") {
             Some("TLS-ALPN-01 cannot prove wildcard names; list each name")
         } else if name.parse::<std::net::IpAddr>().is_ok() {
-            Some("an IP address; expected the DNS name that points here")
+            Some("an IP address; put it in `ips` instead")
         } else if !valid_hostname(&name) || !name.contains('.') {
             Some("expected a fully qualified DNS name like cams.example.org")
         } else {
@@ -818,6 +822,36 @@ fn acme(src: &Source, a: &Spanned<AcmeDoc>) -> Result<AcmeLayer, String> {
             return Err(src.error(&d.span(), format!("`domains`: '{}': {why}", d.get_ref())));
         }
         domains.push(name);
+    }
+    let mut ips = Vec::new();
+    for a in doc.ips.iter().flatten() {
+        let ip = a.get_ref().parse::<std::net::IpAddr>().map_err(|_| {
+            src.error(
+                &a.span(),
+                format!(
+                    "`ips`: '{}': expected an IP address like 203.0.113.7 or 2001:db8::7",
+                    a.get_ref()
+                ),
+            )
+        })?;
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(src.error(
+                &a.span(),
+                format!("`ips`: '{ip}': expected the address clients connect to (not 0.0.0.0, :: or multicast)"),
+            ));
+        }
+        ips.push(ip);
+    }
+    if let Some(p) = &doc.profile {
+        if super::layer::check_acme_profile(p.get_ref()).is_err() {
+            return Err(src.error(
+                &p.span(),
+                format!(
+                    "`profile` = \"{}\": expected a profile name the CA lists, like classic or shortlived",
+                    p.get_ref()
+                ),
+            ));
+        }
     }
     if let Some(e) = &doc.email {
         let text = e.get_ref();
@@ -854,6 +888,8 @@ fn acme(src: &Source, a: &Spanned<AcmeDoc>) -> Result<AcmeLayer, String> {
     Ok(AcmeLayer {
         enabled: true,
         domains,
+        ips,
+        profile: doc.profile.as_ref().map(|p| p.get_ref().clone()),
         email: doc.email.as_ref().map(|e| e.get_ref().clone()),
         directory: doc.directory.as_ref().map(|d| d.get_ref().clone()),
         staging: doc.staging,
@@ -896,6 +932,8 @@ staging = false
 ca_root = "root.pem"
 eab_kid = "kid"
 eab_hmac_key = "c2VjcmV0"
+ips = ["203.0.113.7", "2001:db8::7"]
+profile = "shortlived"
 
 [[frontend]]
 listen = "127.0.0.1:443"
@@ -962,9 +1000,9 @@ listen = "[::1]:7682"
                             client_auth: None,
                             ..RouteSettings::default()
                         },
-                        origin: at(29, 3),
+                        origin: at(31, 3),
                     }],
-                    origin: at(26, 1),
+                    origin: at(28, 1),
                 },
                 FrontendSpec {
                     listen: Listen {
@@ -973,7 +1011,7 @@ listen = "[::1]:7682"
                     },
                     settings: RouteSettings::default(),
                     routes: vec![],
-                    origin: at(40, 1),
+                    origin: at(42, 1),
                 },
             ],
             defaults: RouteSettings {
@@ -997,6 +1035,11 @@ listen = "[::1]:7682"
                 ca_root: Some("/etc/tcpfwd/root.pem".into()),
                 eab_kid: Some("kid".into()),
                 eab_hmac_key: Some(Secret("c2VjcmV0".into())),
+                ips: vec![
+                    "203.0.113.7".parse().unwrap(),
+                    "2001:db8::7".parse().unwrap(),
+                ],
+                profile: Some("shortlived".into()),
             },
             state_dir: Some("/etc/tcpfwd/state".into()),
             cipher_preference: Some(CipherPreference::Chacha),
@@ -1014,7 +1057,7 @@ listen = "[::1]:7682"
         // The frontend without routes is refused by the merge, with its place.
         let e = layer::build(Some(l), Layer::default()).unwrap_err();
         assert!(
-            e.contains("[::1]:7682 (/etc/tcpfwd/tcpfwd.toml:40:1) has no routes"),
+            e.contains("[::1]:7682 (/etc/tcpfwd/tcpfwd.toml:42:1) has no routes"),
             "{e}"
         );
     }
@@ -1372,6 +1415,24 @@ listen = "7682"
             2,
             12,
             &["`domains`", "wildcard"],
+        );
+        fails(
+            "[acme]\nips = [\"203.0.113.300\"]\n",
+            2,
+            8,
+            &["`ips`", "203.0.113.300", "expected an IP address"],
+        );
+        fails(
+            "[acme]\nips = [\"0.0.0.0\"]\n",
+            2,
+            8,
+            &["`ips`", "not 0.0.0.0"],
+        );
+        fails(
+            "[acme]\nprofile = \"short lived\"\n",
+            2,
+            11,
+            &["`profile`", "short lived", "a profile name the CA lists"],
         );
     }
 

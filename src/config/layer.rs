@@ -158,6 +158,10 @@ pub struct AcmeLayer {
     pub enabled: bool,
     /// Names besides the routes' own.
     pub domains: Vec<String>,
+    /// IP addresses for the certificate.
+    pub ips: Vec<std::net::IpAddr>,
+    /// ACME profile.
+    pub profile: Option<String>,
     /// Contact address.
     pub email: Option<String>,
     /// Directory URL.
@@ -747,7 +751,7 @@ fn acme(file: &Layer, cli: &Layer, frontends: &[Frontend]) -> Result<AcmeConfig,
         }
         if name.parse::<std::net::IpAddr>().is_ok() {
             return Err(format!(
-                "invalid --acme-domain '{d}': an IP address; give the DNS name that points here"
+                "invalid --acme-domain '{d}': an IP address; give it with --acme-ip instead"
             ));
         }
         if !valid_hostname(&name) || !name.contains('.') {
@@ -784,11 +788,22 @@ fn acme(file: &Layer, cli: &Layer, frontends: &[Frontend]) -> Result<AcmeConfig,
             }
         }
     }
-    if domains.is_empty() {
+    let mut ips: Vec<std::net::IpAddr> = Vec::new();
+    for ip in file.acme.ips.iter().chain(cli.acme.ips.iter()) {
+        check_acme_ip(*ip)?;
+        if !ips.contains(ip) {
+            ips.push(*ip);
+        }
+    }
+    if domains.is_empty() && ips.is_empty() {
         return Err(
-            "ACME has no names to ask for: give --acme-domain (or domains in [acme]), or routes with server names"
+            "ACME has no names to ask for: give --acme-domain or --acme-ip (or domains or ips in [acme]), or routes with server names"
                 .into(),
         );
+    }
+    let profile = cli.acme.profile.as_ref().or(file.acme.profile.as_ref());
+    if let Some(p) = profile {
+        check_acme_profile(p)?;
     }
     let email = cli.acme.email.as_ref().or(file.acme.email.as_ref());
     let contact = match email {
@@ -846,6 +861,8 @@ fn acme(file: &Layer, cli: &Layer, frontends: &[Frontend]) -> Result<AcmeConfig,
     let state_dir = state_dir(file, cli);
     Ok(AcmeConfig {
         domains,
+        ips,
+        profile: profile.cloned(),
         contact,
         directory,
         ca_root: cli
@@ -856,6 +873,30 @@ fn acme(file: &Layer, cli: &Layer, frontends: &[Frontend]) -> Result<AcmeConfig,
         eab,
         state_dir,
     })
+}
+
+/// An address a CA can reach and certify: not unspecified, not multicast.
+pub(crate) fn check_acme_ip(ip: std::net::IpAddr) -> Result<(), String> {
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(format!(
+            "invalid --acme-ip '{ip}': give the address clients connect to (not 0.0.0.0, :: or a multicast address)"
+        ));
+    }
+    Ok(())
+}
+
+/// A profile name as the directory lists it: letters, digits, '-', '_', '.'.
+pub(crate) fn check_acme_profile(p: &str) -> Result<(), String> {
+    let ok = !p.is_empty()
+        && p.len() <= 64
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(format!(
+            "invalid --acme-profile '{p}': give a profile name the CA lists, like classic, tlsserver or shortlived"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

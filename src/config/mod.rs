@@ -448,6 +448,10 @@ impl FromStr for Secret {
 pub struct AcmeConfig {
     /// DNS names, lower case, no duplicates; all on one certificate.
     pub domains: Vec<String>,
+    /// IP addresses (RFC 8738), on the same certificate, no duplicates.
+    pub ips: Vec<std::net::IpAddr>,
+    /// The ACME profile to ask for (draft-aaron-acme-profiles), kept for every renewal.
+    pub profile: Option<String>,
     /// `mailto:` contact, if given.
     pub contact: Option<String>,
     /// Directory URL of the CA.

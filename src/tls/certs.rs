@@ -147,14 +147,43 @@ pub fn load_set(pairs: &[CertPair], provider: &CryptoProvider) -> Result<CertSet
     CertSet::by_names(certs).ok_or_else(|| CertError("no certificate given".into()))
 }
 
-/// The DNS names (subjectAltName) of a certificate's leaf, lower case.
+/// The DNS names (subjectAltName) of a certificate's leaf, lower case, then
+/// its IP addresses as text (so that [`CertSet`] can tell an IP certificate).
 pub fn leaf_dns_names(ck: &CertifiedKey) -> Result<Vec<String>, String> {
     let leaf = ck
         .end_entity_cert()
         .map_err(|e| format!("no leaf certificate ({e})"))?;
-    crate::tls::x509::parse(leaf.as_ref())
+    let mut names = crate::tls::x509::parse(leaf.as_ref())
         .and_then(|c| c.dns_names())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    names.extend(ip_addresses(leaf.as_ref())?.iter().map(|ip| ip.to_string()));
+    Ok(names)
+}
+
+/// The IP addresses in a DER certificate's subjectAltName (RFC 8738 certificates).
+pub fn ip_addresses(der: &[u8]) -> Result<Vec<std::net::IpAddr>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("the certificate cannot be parsed ({e})"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("the certificate's subjectAltName cannot be read ({e})"))?;
+    let mut out = Vec::new();
+    for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
+        if let GeneralName::IPAddress(bytes) = name {
+            if let Ok(v4) = <[u8; 4]>::try_from(*bytes) {
+                out.push(std::net::IpAddr::from(v4));
+            } else if let Ok(v6) = <[u8; 16]>::try_from(*bytes) {
+                out.push(std::net::IpAddr::from(v6));
+            } else {
+                return Err(format!(
+                    "the certificate has an IP address of {} bytes in its subjectAltName",
+                    bytes.len()
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Checks that some certificate covers every route's name, so that no
@@ -204,6 +233,32 @@ mod tests {
         assert!(err.contains("no certificate"), "{err}");
         let err = certified_key_from_pem(a.cert.pem().as_bytes(), b"", &p).unwrap_err();
         assert!(err.contains("no private key"), "{err}");
+    }
+
+    #[test]
+    fn ip_addresses_are_read_from_the_subject_alt_name() {
+        let c = rcgen::generate_simple_self_signed(vec![
+            "a.test".into(),
+            "127.0.0.1".into(),
+            "::1".into(),
+        ])
+        .unwrap();
+        let ips = ip_addresses(c.cert.der()).unwrap();
+        assert_eq!(
+            ips,
+            [
+                "127.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
+        let p = provider(false);
+        let ck = certified_key_from_pem(
+            c.cert.pem().as_bytes(),
+            c.signing_key.serialize_pem().as_bytes(),
+            &p,
+        )
+        .unwrap();
+        assert_eq!(leaf_dns_names(&ck).unwrap(), ["a.test", "127.0.0.1", "::1"]);
     }
 
     #[test]

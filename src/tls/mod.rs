@@ -16,8 +16,8 @@ pub mod resolver;
 pub mod x509;
 
 pub use certs::{
-    certified_key_from_pem, check_covered, load_files, load_set, self_signed, sha256_fingerprint,
-    CertError, SelfSigned,
+    certified_key_from_pem, check_covered, ip_addresses, load_files, load_set, self_signed,
+    sha256_fingerprint, CertError, SelfSigned,
 };
 pub use resolver::{CertResolver, CertSet, TlsRouter, ACME_TLS_ALPN};
 

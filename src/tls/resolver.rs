@@ -36,14 +36,20 @@ impl CertSet {
         })
     }
 
-    /// The certificate for a server name.
+    /// The certificate for a server name. Without one (a client that
+    /// connects by IP address sends none), the first with an IP address in
+    /// its names, else the first.
     pub fn for_name(&self, sni: Option<&str>) -> &Arc<CertifiedKey> {
         let first = &self.certs[0].0;
         if self.certs.len() == 1 {
             return first;
         }
         let Some(name) = sni.map(|n| n.trim_end_matches('.').to_ascii_lowercase()) else {
-            return first;
+            return self
+                .certs
+                .iter()
+                .find(|(_, names)| names.iter().any(|n| n.parse::<std::net::IpAddr>().is_ok()))
+                .map_or(first, |(k, _)| k);
         };
         let wildcard = name
             .split_once('.')
@@ -171,7 +177,8 @@ impl TlsRouter {
         if !offers_acme {
             return None;
         }
-        let name = hello.server_name()?;
+        // For an IP address, the reverse-DNS name (RFC 8738 section 6).
+        let name = hello.server_name()?.trim_end_matches('.');
         let map = self.challenges.read().unwrap_or_else(|e| e.into_inner());
         map.get(&name.to_ascii_lowercase()).cloned()
     }
@@ -228,6 +235,13 @@ mod tests {
             key(&["*.example.net"]),
         ])
         .unwrap();
+        let with_ip =
+            CertSet::by_names(vec![key(&["dvr.example.org"]), key(&["203.0.113.7"])]).unwrap();
+        assert!(Arc::ptr_eq(with_ip.for_name(None), &with_ip.certs[1].0));
+        assert!(Arc::ptr_eq(
+            with_ip.for_name(Some("other.example")),
+            &with_ip.certs[0].0
+        ));
         let idx = |sni| {
             let k = set.for_name(sni);
             set.certs

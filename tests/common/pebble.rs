@@ -196,7 +196,13 @@ impl Pebble {
 
     /// Starts the CA and waits until its directory is served.
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// `start` with more environment variables (`PEBBLE_WFE_NONCEREJECT`, ...).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         let mut cmd = Command::new("pebble");
+        cmd.envs(env.iter().copied());
         cmd.arg("-config")
             .arg(&self.config)
             .arg("-dnsserver")
@@ -378,6 +384,8 @@ pub struct Script {
     /// Send the directory's head and half its body, then nothing (for two
     /// minutes, longer than any request deadline), the connection left open.
     pub stall: bool,
+    /// List these in the directory's `meta.profiles`.
+    pub profiles: Option<Vec<String>>,
 }
 
 /// A stand-in ACME CA over HTTPS, scripted to misbehave ([`Script`]); it
@@ -388,6 +396,8 @@ pub struct StandInCa {
     pub orders: Arc<Mutex<Vec<Instant>>>,
     /// The paths of the new-order requests.
     pub order_paths: Arc<Mutex<Vec<String>>>,
+    /// The new-order requests' payloads (the JWS payload, decoded).
+    pub order_payloads: Arc<Mutex<Vec<serde_json::Value>>>,
     /// The paths of the renewal-information requests.
     pub renewal_info: Arc<Mutex<Vec<String>>>,
     /// How many accounts were created, orders finalized, directories fetched.
@@ -442,6 +452,7 @@ impl StandInCa {
             addr,
             orders: seen.orders.clone(),
             order_paths: seen.order_paths.clone(),
+            order_payloads: seen.order_payloads.clone(),
             renewal_info: seen.renewal_info.clone(),
             accounts: seen.accounts.clone(),
             finalized: seen.finalized.clone(),
@@ -477,12 +488,25 @@ impl StandInCa {
 struct Seen {
     orders: Arc<Mutex<Vec<Instant>>>,
     order_paths: Arc<Mutex<Vec<String>>>,
+    order_payloads: Arc<Mutex<Vec<serde_json::Value>>>,
     renewal_info: Arc<Mutex<Vec<String>>>,
     accounts: Arc<Mutex<usize>>,
     finalized: Arc<Mutex<usize>>,
     directories: Arc<Mutex<usize>>,
     /// Whether the current order was finalized.
     done: Arc<Mutex<bool>>,
+}
+
+/// The payload of a flattened JWS (RFC 7515), as JSON; `Null` if there is none.
+fn jws_payload(body: &[u8]) -> serde_json::Value {
+    use base64::Engine as _;
+    let jws: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let payload = jws["payload"].as_str().unwrap_or("");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 async fn serve_acme(
@@ -563,6 +587,13 @@ async fn serve_acme(
                 if script.ari.is_some() {
                     dir["renewalInfo"] = format!("{base}/renewal-info").into();
                 }
+                if let Some(profiles) = &script.profiles {
+                    let map: serde_json::Map<String, serde_json::Value> = profiles
+                        .iter()
+                        .map(|p| (p.clone(), format!("the {p} profile").into()))
+                        .collect();
+                    dir["meta"]["profiles"] = map.into();
+                }
                 if script.stall {
                     let dir = dir.to_string();
                     let rsp = format!(
@@ -610,6 +641,7 @@ async fn serve_acme(
             ("POST", "/order") | ("POST", "/order2") => {
                 seen.orders.lock().unwrap().push(Instant::now());
                 seen.order_paths.lock().unwrap().push(path.clone());
+                seen.order_payloads.lock().unwrap().push(jws_payload(&body));
                 match (&script.refuse_orders, &script.refusal) {
                     (_, Some((status, kind))) => (
                         status.as_str(),
