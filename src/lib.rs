@@ -11,8 +11,6 @@ pub mod acme;
 pub mod app;
 pub mod clientca;
 pub mod config;
-pub mod download;
-pub mod mobileconfig;
 pub mod net;
 pub mod policy;
 pub mod proxy;

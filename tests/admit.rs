@@ -367,7 +367,7 @@ fn a_reference_to_no_route_names_the_file_line_and_column() {
     let (code, out) = common::run_to_exit(&["check", "--config", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains(&format!("admits sources that passed {page} within 43200s")),
+        out.contains(&format!("admits sources that passed {page} within 12h")),
         "{out}"
     );
 }

@@ -250,13 +250,13 @@ pub struct ServeCertArgs {
 /// A link's life: a duration of at most ten minutes.
 fn serve_for(s: &str) -> Result<std::time::Duration, String> {
     let d = s.parse::<crate::config::duration::Duration>()?.0;
-    if d.is_zero() || d > crate::download::MAX_VALID {
+    if d.is_zero() || d > crate::clientca::download::MAX_VALID {
         return Err(format!("'{s}' is not between 1s and 10m"));
     }
     Ok(d)
 }
 
-pub use crate::download::ServeAddr;
+pub use crate::clientca::download::ServeAddr;
 
 /// `client-cert revoke`.
 #[derive(Debug, Clone, Args)]

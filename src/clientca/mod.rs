@@ -6,6 +6,12 @@
 //! `crl.pem`, `issued.json` (all 0600, written atomically) and `lock`. The
 //! private keys of the client certificates and their passwords are never
 //! stored.
+//!
+//! [`download`] serves a new certificate once over a one-time LAN link (with
+//! a QR code); [`mobileconfig`] wraps it in an iOS configuration profile.
+
+pub mod download;
+pub mod mobileconfig;
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -601,7 +607,7 @@ pub struct Delivery {
     /// Also NAME.mobileconfig (written by `new`, offered by `serve`).
     pub mobileconfig: bool,
     /// A one-time download link: where, and for how long.
-    pub serve: Option<(crate::download::ServeAddr, std::time::Duration)>,
+    pub serve: Option<(crate::clientca::download::ServeAddr, std::time::Duration)>,
 }
 
 /// Writes a new private file (0600, never over an existing one).
@@ -645,7 +651,7 @@ pub fn cmd_new(
     }
     // Bound before anything is issued, so that a taken port costs nothing.
     let listener = match delivery.serve {
-        Some((at, _)) => Some(crate::download::Links::bind(at)?),
+        Some((at, _)) => Some(crate::clientca::download::Links::bind(at)?),
         None => None,
     };
     let mut ca = FamilyCa::open_or_create(&state_dir.join(DIR_NAME))?;
@@ -655,7 +661,7 @@ pub fn cmd_new(
     // It holds a private key.
     write_new(&out, &p12)?;
     let profile = if delivery.mobileconfig {
-        let xml = crate::mobileconfig::profile(name, &p12)?;
+        let xml = crate::clientca::mobileconfig::profile(name, &p12)?;
         write_new(&profile_out, &xml)?;
         Some(xml)
     } else {
@@ -712,11 +718,11 @@ pub fn cmd_serve(name: &str, out_dir: &Path, delivery: Delivery) -> anyhow::Resu
         )
     })?;
     let profile = if delivery.mobileconfig {
-        Some(crate::mobileconfig::profile(name, &p12)?)
+        Some(crate::clientca::mobileconfig::profile(name, &p12)?)
     } else {
         None
     };
-    let listener = crate::download::Links::bind(at)?;
+    let listener = crate::clientca::download::Links::bind(at)?;
     println!(
         "Serving {} (its password is the one `client-cert new` printed).",
         path.display()
@@ -733,7 +739,7 @@ fn serve_files(
     valid: std::time::Duration,
     out_dir: &Path,
 ) -> anyhow::Result<()> {
-    use crate::download::{Links, Offer};
+    use crate::clientca::download::{Links, Offer};
     let mut offers = vec![Offer {
         file_name: format!("{name}.p12"),
         content_type: "application/x-pkcs12",
@@ -743,7 +749,7 @@ fn serve_files(
     if let Some(xml) = profile {
         offers.push(Offer {
             file_name: format!("{name}.mobileconfig"),
-            content_type: crate::mobileconfig::CONTENT_TYPE,
+            content_type: crate::clientca::mobileconfig::CONTENT_TYPE,
             body: xml.into(),
             label: "iPhone and iPad (open in Safari)",
         });
