@@ -1115,10 +1115,13 @@ fn pair_leaf(path: &Path) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_any_moment_leaves_a_matching_pair_and_no_pile_of_orders() {
     const ROUNDS: usize = 50;
-    const VALIDITY: u64 = 9;
+    const VALIDITY: u64 = 15;
     let backend = backends::echo().await;
-    // 9-second certificates: renewal is due 4.5 s after issuance, so the
-    // rounds kill first issuances, starts on a stored pair, and renewals.
+    // 15-second certificates: renewal is due 7.5 s after issuance, so the
+    // rounds (each killed within 2.5 s) kill first issuances, starts on a
+    // stored pair well before its renewal time, and renewals. (With 9 s, a
+    // pair was "well before" for under a second after issuance, and whether
+    // any round saw one depended on the machine's speed.)
     let mut pebble = Pebble::new(free_port(), Some(VALIDITY));
     pebble.start();
     let state = TempDir::new("acme-kill9");

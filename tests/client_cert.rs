@@ -577,7 +577,7 @@ async fn a_certificate_near_its_end_is_warned_about_in_the_log_status_and_list()
             .to_string()
     };
     assert!(
-        line("short-phone").ends_with("valid, expires in 9 days"),
+        line("short-phone").ends_with("valid, expires in 10 days"),
         "{list}"
     );
     assert!(line("long-phone").ends_with("  valid"), "{list}");
@@ -602,7 +602,7 @@ async fn a_certificate_near_its_end_is_warned_about_in_the_log_status_and_list()
     assert_eq!(w["level"], "WARN");
     assert_eq!(w["name"], "short-phone");
     assert_eq!(w["serial"].as_str().unwrap().len(), 32);
-    assert_eq!(w["days_left"], 9);
+    assert_eq!(w["days_left"], 10);
     assert!(w["expires"].as_str().unwrap().starts_with("20"), "{w}");
     let warning = "WARNING: 1 client certificate expires within 30 days (short-phone)";
     let ready = notify

@@ -50,6 +50,12 @@ const BACKDATE: time::Duration = time::Duration::hours(1);
 /// A certificate this close to its end is warned about (log, `STATUS=`, `list`).
 pub const EXPIRY_WARNING_DAYS: i64 = 30;
 
+/// Whole days left until `not_after`, counting a started day: a certificate
+/// made with `--days 10` shows 10 days, not 9, in the second after it was made.
+fn days_left(not_after: i64, now: i64) -> i64 {
+    (not_after - now + 86_399).div_euclid(86_400)
+}
+
 /// One issued certificate, as `issued.json` keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IssuedCert {
@@ -340,7 +346,7 @@ pub fn expiry_warning(dirs: &[PathBuf], log: bool) -> Option<String> {
                     name = %c.name,
                     serial = %c.serial,
                     expires = %date(c.not_after),
-                    days_left = (c.not_after - now) / 86_400,
+                    days_left = days_left(c.not_after, now),
                     "a client certificate from the family CA expires within {EXPIRY_WARNING_DAYS} days; issue the device a new one (`tcpfwd client-cert new` under another name), install it, then revoke this one"
                 );
             }
@@ -806,7 +812,7 @@ pub fn cmd_list(state_dir: &Path) -> anyhow::Result<()> {
     );
     for c in ca.issued() {
         let status = if c.expires_soon(now) {
-            format!("valid, expires in {} days", (c.not_after - now) / 86_400)
+            format!("valid, expires in {} days", days_left(c.not_after, now))
         } else {
             c.status(now).to_string()
         };
