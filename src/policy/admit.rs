@@ -8,18 +8,13 @@
 //! the entry verified longest ago. Each entry keeps the serial of the
 //! certificate that made it, so a revocation removes it at once.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::table::Key;
-
-/// Slots per set.
-pub const WAYS: usize = 8;
+use super::table::{Key, Sets, WAYS};
 
 /// The longest serial kept. RFC 5280 allows 20 octets of content (21 with
 /// the leading 0 that keeps it positive); a longer one admits nothing.
@@ -51,21 +46,14 @@ impl Entry {
 
 /// The table; see the module's documentation.
 pub struct Admissions {
-    sets: Box<[Mutex<[Entry; WAYS]>]>,
-    seed: RandomState,
-    epoch: Instant,
+    sets: Sets<Entry>,
 }
 
 impl Admissions {
     /// A table of `sets` sets of [`WAYS`] entries (at least one set).
     pub fn new(sets: usize) -> Admissions {
-        let sets = (0..sets.max(1))
-            .map(|_| Mutex::new([Entry::default(); WAYS]))
-            .collect();
         Admissions {
-            sets,
-            seed: RandomState::new(),
-            epoch: Instant::now(),
+            sets: Sets::new(sets),
         }
     }
 
@@ -76,22 +64,20 @@ impl Admissions {
 
     /// How many sources it can hold.
     pub fn capacity(&self) -> usize {
-        self.sets.len() * WAYS
+        self.sets.capacity()
     }
 
     /// Bytes the table holds, whatever the number of sources.
     pub fn footprint(&self) -> usize {
-        std::mem::size_of_val(&*self.sets)
+        self.sets.footprint()
     }
 
     fn ms(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_millis() as u64
+        self.sets.ms(now)
     }
 
     fn set(&self, key: &Key) -> MutexGuard<'_, [Entry; WAYS]> {
-        let i = (self.seed.hash_one(key) % self.sets.len() as u64) as usize;
-        // A panic while a set is held leaves plain values, still usable.
-        self.sets[i].lock().unwrap_or_else(|e| e.into_inner())
+        self.sets.set(key)
     }
 
     /// `key` completed a handshake with the certificate `serial`: admitted

@@ -136,42 +136,84 @@ impl Slot {
 
 /// The table; see the module's documentation.
 pub struct SourceTable {
-    sets: Box<[Mutex<[Slot; WAYS]>]>,
+    sets: Sets<Slot>,
+}
+
+/// A fixed number of sets of [`WAYS`] entries, each set behind its own
+/// lock, a key's set chosen by a hash with a random seed: the shape of this
+/// table and of the admissions table ([`super::admit::Admissions`]).
+pub struct Sets<T> {
+    sets: Box<[Mutex<[T; WAYS]>]>,
     seed: RandomState,
     epoch: Instant,
+}
+
+impl<T: Default + Copy> Sets<T> {
+    /// `sets` sets (at least one) of default entries.
+    pub fn new(sets: usize) -> Sets<T> {
+        Sets {
+            sets: (0..sets.max(1))
+                .map(|_| Mutex::new([T::default(); WAYS]))
+                .collect(),
+            seed: RandomState::new(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl<T> Sets<T> {
+    /// How many entries it can hold.
+    pub fn capacity(&self) -> usize {
+        self.sets.len() * WAYS
+    }
+
+    /// Bytes it holds, whatever the number of keys.
+    pub fn footprint(&self) -> usize {
+        std::mem::size_of_val(&*self.sets)
+    }
+
+    /// `now` in milliseconds since the table was made.
+    pub fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// The set `key` belongs to, locked.
+    pub fn set(&self, key: &Key) -> MutexGuard<'_, [T; WAYS]> {
+        let i = (self.seed.hash_one(key) % self.sets.len() as u64) as usize;
+        // A panic while a set is held leaves plain values, still usable.
+        self.sets[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every set, for the walks that look at all of them.
+    pub fn iter(&self) -> std::slice::Iter<'_, Mutex<[T; WAYS]>> {
+        self.sets.iter()
+    }
 }
 
 impl SourceTable {
     /// A table of `sets` sets of [`WAYS`] slots (at least one set).
     pub fn new(sets: usize) -> SourceTable {
-        let sets = (0..sets.max(1))
-            .map(|_| Mutex::new([Slot::default(); WAYS]))
-            .collect();
         SourceTable {
-            sets,
-            seed: RandomState::new(),
-            epoch: Instant::now(),
+            sets: Sets::new(sets),
         }
     }
 
     /// How many sources it can hold.
     pub fn capacity(&self) -> usize {
-        self.sets.len() * WAYS
+        self.sets.capacity()
     }
 
     /// Bytes the table holds, whatever the number of sources.
     pub fn footprint(&self) -> usize {
-        std::mem::size_of_val(&*self.sets)
+        self.sets.footprint()
     }
 
     fn ms(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_millis() as u64
+        self.sets.ms(now)
     }
 
     fn set(&self, key: &Key) -> MutexGuard<'_, [Slot; WAYS]> {
-        let i = (self.seed.hash_one(key) % self.sets.len() as u64) as usize;
-        // A panic while a set is held leaves plain counters, still usable.
-        self.sets[i].lock().unwrap_or_else(|e| e.into_inner())
+        self.sets.set(key)
     }
 
     /// Counts a connection from `key` in, or says why not.
