@@ -107,6 +107,8 @@ fn journal_helper() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut entries = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut listen = None;
+    let mut ready = None;
     let mut connected = false;
     let found = loop {
         if Instant::now() > deadline {
@@ -115,10 +117,20 @@ fn journal_helper() {
         let Ok(n) = journal.recv(&mut buf) else {
             continue;
         };
+        if n == 0 {
+            // tracing-journald's probe at start; the journal discards it.
+            continue;
+        }
         let e = parse_entry(&buf[..n]);
-        if e.get("MESSAGE").map(String::as_str) == Some("listening") && !connected {
+        match e.get("MESSAGE").map(String::as_str) {
+            Some("listening") => listen = Some(e["LISTEN"].clone()),
+            Some("ready") => ready = Some(e.clone()),
+            _ => {}
+        }
+        // Like a user, connect once tcpfwd says it is ready (it logs
+        // "listening" first, and a connection may end before "ready").
+        if let (Some(addr), Some(_), false) = (&listen, &ready, connected) {
             // Not TLS: the handshake fails, and the connection is logged.
-            let addr = e["LISTEN"].clone();
             let mut s = std::net::TcpStream::connect(addr.as_str()).unwrap();
             s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -143,10 +155,7 @@ fn journal_helper() {
     assert_eq!(e["PRIORITY"], "5", "{e:#?}");
     assert_eq!(e["SYSLOG_IDENTIFIER"], "tcpfwd", "{e:#?}");
     assert!(e.contains_key("DETAIL"), "{e:#?}");
-    let ready = entries
-        .iter()
-        .find(|e| e.get("MESSAGE").map(String::as_str) == Some("ready"))
-        .unwrap_or_else(|| panic!("no ready entry in {entries:#?}"));
+    let ready = ready.unwrap_or_else(|| panic!("no ready entry in {entries:#?}"));
     assert_eq!(ready["PRIORITY"], "5");
     let written = std::fs::read_to_string(&stderr_path).unwrap();
     assert!(
