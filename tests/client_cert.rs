@@ -428,6 +428,31 @@ async fn echo_once<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &
     assert_eq!(&buf, b"ping");
 }
 
+/// Revokes `name` and waits until the CRL poll (every 2 s, no signal) has
+/// closed `open`, made with its certificate; returns the "connection closed"
+/// events saying so.
+async fn revoke_and_see_closed<S: tokio::io::AsyncRead + Unpin>(
+    fwd: &Tcpfwd,
+    state: &Path,
+    name: &str,
+    open: &mut S,
+) -> Vec<serde_json::Value> {
+    let (ok, out) = tokio::task::block_in_place(|| client_cert(state, &["revoke", name]));
+    assert!(ok, "{out}");
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(T, open.read_to_end(&mut sink)).await;
+    assert!(
+        read.is_ok(),
+        "the revoked certificate's connection is still open"
+    );
+    fwd.wait_for_async(
+        |e| msg(e) == "connection closed" && e["reason"] == "client certificate revoked",
+        1,
+        T,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_closes_the_open_connections_made_with_the_certificate() {
     common::require_tool("openssl");
@@ -447,6 +472,8 @@ async fn revoking_closes_the_open_connections_made_with_the_certificate() {
         "--state-dir",
         state.to_str().unwrap(),
     ]);
+    // A client-auth route from the start: its CRL is watched from the start.
+    fwd.wait_for_async(|e| msg(e) == WATCHING, 1, T).await;
     let addr = fwd.addr(0);
     let mut a = common::tls_connect(client_with_cert(&lost), addr, "localhost")
         .await
@@ -457,22 +484,7 @@ async fn revoking_closes_the_open_connections_made_with_the_certificate() {
     echo_once(&mut a).await;
     echo_once(&mut b).await;
 
-    let (ok, out) = tokio::task::block_in_place(|| client_cert(&state, &["revoke", "lost-phone"]));
-    assert!(ok, "{out}");
-    // Picked up by the CRL poll (every 2 s), no signal needed.
-    let mut sink = Vec::new();
-    let read = tokio::time::timeout(T, a.read_to_end(&mut sink)).await;
-    assert!(
-        read.is_ok(),
-        "the revoked certificate's connection is still open"
-    );
-    let closed = fwd
-        .wait_for_async(
-            |e| msg(e) == "connection closed" && e["reason"] == "client certificate revoked",
-            1,
-            T,
-        )
-        .await;
+    let closed = revoke_and_see_closed(&fwd, &state, "lost-phone", &mut a).await;
     assert_eq!(closed[0]["client_cn"], "lost-phone");
     // The other one goes on.
     echo_once(&mut b).await;
@@ -500,6 +512,97 @@ async fn revoking_closes_the_open_connections_made_with_the_certificate() {
         T,
     )
     .await;
+    drop(fwd);
+}
+
+const WATCHING: &str = "watching the CRL files of the client-auth routes for revocations";
+const STOPPED: &str = "no client-auth route with a CRL any more; stopped watching CRL files";
+
+/// Writes a configuration file with one frontend on `port` to `backend`,
+/// with the family CA's client authentication or without; renamed into place.
+fn write_config(path: &Path, state: &Path, port: u16, backend: &str, client_auth: bool) {
+    let auth = if client_auth {
+        "client_auth = \"family\"\n"
+    } else {
+        ""
+    };
+    let text = format!(
+        "state_dir = \"{}\"\n{auth}[[frontend]]\nlisten = \"127.0.0.1:{port}\"\n  [[frontend.route]]\n  backend = \"{backend}\"\n",
+        state.display()
+    );
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crl_is_watched_only_while_a_route_has_client_auth() {
+    common::require_tool("openssl");
+    let tmp = TempDir::new("ccert-watch");
+    let state = tmp.join("state");
+    let (lost, pw) = issue(&state, tmp.path(), "lost-phone", &[]);
+    let lost = p12_to_pem(&lost, &pw);
+    let backend = backends::echo().await.to_string();
+    let port = free_port();
+    let file = tmp.join("tcpfwd.toml");
+    write_config(&file, &state, port, &backend, false);
+    let mut cmd = Tcpfwd::command();
+    cmd.arg("--config").arg(&file);
+    let fwd = Tcpfwd::spawn(cmd);
+    fwd.wait_for_async(|e| msg(e) == "ready", 1, T).await;
+    let reloaded = |e: &serde_json::Value| {
+        msg(e) == "configuration reloaded; new connections get it"
+            || msg(e).starts_with("reload failed")
+    };
+
+    // No client authentication: nothing is watched. The first reload's line
+    // comes after anything the start logged, so the log up to it tells.
+    write_config(&file, &state, port, &backend, true);
+    fwd.signal(libc::SIGHUP);
+    let ev = fwd.wait_for_async(reloaded, 1, T).await;
+    assert_eq!(
+        msg(&ev[0]),
+        "configuration reloaded; new connections get it"
+    );
+    let events = fwd.events();
+    let at = events.iter().position(reloaded).unwrap();
+    assert!(
+        !events[..at].iter().any(|e| msg(e) == WATCHING),
+        "the CRL was watched without a client-auth route:\n{}",
+        fwd.stderr()
+    );
+
+    // The reload added client authentication: the family CA's CRL is watched
+    // from now on, so a revocation closes the open connection without a signal.
+    let w = fwd
+        .wait_for_async(|e| msg(e) == WATCHING, 1, T)
+        .await
+        .remove(0);
+    assert!(
+        w["crl"].as_str().unwrap().ends_with("family-ca/crl.pem"),
+        "{w}"
+    );
+    assert_eq!(w["every_seconds"], 2);
+    let addr = fwd.addr(0);
+    let mut a = common::tls_connect(client_with_cert(&lost), addr, "localhost")
+        .await
+        .unwrap();
+    echo_once(&mut a).await;
+    revoke_and_see_closed(&fwd, &state, "lost-phone", &mut a).await;
+
+    // A reload that removes the last client-auth route stops the poll.
+    write_config(&file, &state, port, &backend, false);
+    fwd.signal(libc::SIGHUP);
+    let ev = fwd.wait_for_async(reloaded, 2, T).await;
+    assert_eq!(
+        msg(&ev[1]),
+        "configuration reloaded; new connections get it"
+    );
+    fwd.wait_for_async(|e| msg(e) == STOPPED, 1, T).await;
+    assert_eq!(
+        fwd.events().iter().filter(|e| msg(e) == WATCHING).count(),
+        1
+    );
     drop(fwd);
 }
 
