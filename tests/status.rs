@@ -188,20 +188,29 @@ async fn status_shows_routes_connections_certificate_reload_and_bans() {
     assert!(!control.exists(), "the control socket outlived tcpfwd");
 }
 
+/// What `tcpfwd status` says when there is no socket at `path`.
+fn no_socket(path: &str) -> String {
+    format!(
+        "tcpfwd: error: no control socket at {path}: a tcpfwd started by hand has one only when started with --control PATH (under systemd it is $RUNTIME_DIRECTORY/control); give tcpfwd status the same --control PATH\n"
+    )
+}
+
 #[test]
 fn no_instance_is_one_line() {
     let dir = open_dir("status-none");
     let control = dir.join("control");
     let path = control.to_str().unwrap();
-    let want = format!(
-        "tcpfwd: error: no tcpfwd is running with control socket {path}: start it, or pass --control\n"
-    );
+    let want = no_socket(path);
     let (code, out, err) = status(&["--control", path]);
     assert_eq!((code, out.as_str(), err.as_str()), (1, "", want.as_str()));
-    // The same for a socket nobody listens on any more (a crash's leftover).
+    // A socket nobody listens on any more (a crash's leftover) is told apart.
     drop(std::os::unix::net::UnixListener::bind(&control).unwrap());
     let (code, _, err) = status(&["--control", path]);
-    assert_eq!((code, err.as_str()), (1, want.as_str()));
+    let stale = format!(
+        "tcpfwd: error: nothing answers on control socket {path} (left by a tcpfwd that has stopped): start tcpfwd, or pass the running one's --control PATH to tcpfwd status\n"
+    );
+    assert_eq!((code, err.as_str()), (1, stale.as_str()));
+    std::fs::remove_file(&control).unwrap();
     // And the control path from a configuration file.
     let file = dir.join("tcpfwd.toml");
     std::fs::write(
@@ -270,6 +279,21 @@ async fn started_by_hand_there_is_none_unless_asked() {
         "{}",
         fwd.stderr()
     );
+    // `tcpfwd status` with no option then finds no socket in its default
+    // place (here $RUNTIME_DIRECTORY, an empty directory) and says what to do.
+    let dir = open_dir("status-by-hand");
+    let out = tokio::task::block_in_place(|| {
+        Command::new(BIN)
+            .arg("status")
+            .env("RUNTIME_DIRECTORY", dir.path())
+            .env_remove("TCPFWD_CONFIG")
+            .output()
+            .unwrap()
+    });
+    let want = no_socket(dir.join("control").to_str().unwrap());
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), want);
+    assert!(out.stdout.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
