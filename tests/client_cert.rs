@@ -353,6 +353,77 @@ async fn only_a_good_family_certificate_reaches_the_backend() {
     drop(fwd);
 }
 
+#[test]
+fn new_refuses_a_name_in_use_in_one_line_and_replace_revokes_the_old_one() {
+    common::require_tool("openssl");
+    let tmp = TempDir::new("ccert-replace");
+    let state = tmp.join("state");
+    issue(&state, tmp.path(), "anna-phone", &[]);
+    let serials = |state: &Path| -> Vec<(String, String)> {
+        let (ok, list) = client_cert(state, &["list"]);
+        assert!(ok, "{list}");
+        list.lines()
+            .filter(|l| l.starts_with("anna-phone "))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[1].to_string(), f[3..].join(" "))
+            })
+            .collect()
+    };
+    let old = serials(&state)[0].0.clone();
+
+    // The name has a valid certificate: one line, what to do, nothing issued.
+    let second = tmp.join("second");
+    std::fs::create_dir(&second).unwrap();
+    let (ok, out) = client_cert(
+        &state,
+        &["new", "anna-phone", "--out-dir", second.to_str().unwrap()],
+    );
+    assert!(!ok);
+    assert_eq!(
+        out,
+        format!("tcpfwd: error: 'anna-phone' already has a valid certificate (serial {old}); revoke it first (`tcpfwd client-cert revoke anna-phone`), give --replace to revoke it and issue the new one in one step, or choose another name\n")
+    );
+    assert!(!second.join("anna-phone.p12").exists());
+    assert_eq!(serials(&state).len(), 1);
+
+    // --replace: the old one revoked and in the re-signed CRL, the new one valid.
+    let (ok, out) = client_cert(
+        &state,
+        &[
+            "new",
+            "anna-phone",
+            "--replace",
+            "--out-dir",
+            second.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "Revoked the previous certificate of 'anna-phone' (serial {old})"
+        )),
+        "{out}"
+    );
+    let pw = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Password: "))
+        .unwrap();
+    p12_to_pem(&second.join("anna-phone.p12"), pw);
+    let now = serials(&state);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(now[0], (old.clone(), "revoked".to_string()));
+    assert_eq!(now[1].1, "valid");
+    let crl = state.join("family-ca").join("crl.pem");
+    let (ok, text) = openssl(&["crl", "-in", crl.to_str().unwrap(), "-noout", "-text"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("Serial Number: {}", old.to_uppercase())),
+        "{text}"
+    );
+    assert!(!text.contains(&now[1].0.to_uppercase()), "{text}");
+}
+
 /// A rustls client presenting the certificate and key in `pem`.
 fn client_with_cert(pem: &Path) -> Arc<rustls::ClientConfig> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pem)
