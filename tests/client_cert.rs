@@ -678,6 +678,46 @@ async fn the_crl_is_watched_only_while_a_route_has_client_auth() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_adds_family_client_auth_makes_the_family_ca() {
+    let tmp = TempDir::new("ccert-reload-ca");
+    let state = tmp.join("state");
+    let backend = backends::echo().await.to_string();
+    let file = tmp.join("tcpfwd.toml");
+    let port = free_port();
+    write_config(&file, &state, port, &backend, false);
+    let mut cmd = Tcpfwd::command();
+    cmd.arg("--config").arg(&file);
+    let fwd = Tcpfwd::spawn(cmd);
+    fwd.wait_for_async(|e| msg(e) == "ready", 1, T).await;
+    let ca = state.join("family-ca");
+    assert!(!ca.exists(), "a family CA without a route that needs it");
+    // No `client-cert new` yet: the reload makes the CA, as a start would.
+    write_config(&file, &state, port, &backend, true);
+    fwd.signal(libc::SIGHUP);
+    let ev = fwd
+        .wait_for_async(
+            |e| {
+                msg(e) == "configuration reloaded; new connections get it"
+                    || msg(e).starts_with("reload failed")
+            },
+            1,
+            T,
+        )
+        .await;
+    assert_eq!(
+        msg(&ev[0]),
+        "configuration reloaded; new connections get it",
+        "{}",
+        fwd.stderr()
+    );
+    fwd.wait_for_async(|e| msg(e).starts_with("family CA created"), 1, T)
+        .await;
+    assert!(ca.join("ca.pem").exists() && ca.join("crl.pem").exists());
+    fwd.wait_for_async(|e| msg(e) == WATCHING, 1, T).await;
+    drop(fwd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_v2_header_carries_the_client_cn_and_verified() {
     common::require_tool("openssl");
     let tmp = TempDir::new("ccert-ppv2");

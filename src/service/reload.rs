@@ -158,6 +158,11 @@ impl Reloader {
                 "no ACME certificate stored yet; the placeholder serves until the CA issues one",
             ));
         }
+        // A family CA the new routes need is made now (with its empty CRL),
+        // as at start: client_auth = "family" may come with this reload.
+        for dir in app::family_dirs(&new) {
+            crate::clientca::ensure(&dir)?;
+        }
         // Build everything, and bind the added frontends, before swapping
         // anything in.
         let resolver = &self.served.resolver;
