@@ -16,3 +16,6 @@ pub mod policy;
 pub mod proxy;
 pub mod service;
 pub mod tls;
+
+#[cfg(test)]
+mod test_alloc;

@@ -177,7 +177,15 @@ fn client_cert(cmd: &ClientCertCommand) -> anyhow::Result<()> {
                 mobileconfig: a.mobileconfig,
                 serve: a.serve.map(|at| (at, a.serve_for)),
             };
-            clientca::cmd_new(&state(&a.state), &a.name, a.days, format, &out, delivery)
+            clientca::cmd_new(
+                &state(&a.state),
+                &a.name,
+                a.days,
+                format,
+                &out,
+                delivery,
+                a.replace,
+            )
         }
         ClientCertCommand::Serve(a) => {
             let out = a.out_dir.clone().unwrap_or_else(|| ".".into());

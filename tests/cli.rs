@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{run_to_exit, Pki, TempDir, BIN};
+use common::{run_to_exit, Pki, TempDir};
 
 fn assert_clean_failure(code: i32, out: &str, want_code: i32, want: &[&str]) {
     assert_eq!(code, want_code, "exit code; output:\n{out}");
@@ -141,18 +139,11 @@ fn missing_and_bad_certificate_files() {
 
 /// Runs the binary as nobody, so permission checks bite even when tests run as root.
 fn run_as_nobody(args: &[&str]) -> (i32, String) {
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "--inh-caps=-all",
-            BIN,
-        ])
+    let out = common::as_nobody()
         .args(args)
         .env_remove("RUST_LOG")
         .output()
-        .expect("setpriv (util-linux) is needed");
+        .expect("run tcpfwd as nobody");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -161,7 +152,6 @@ fn run_as_nobody(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn unreadable_key_file_as_unprivileged_user() {
-    common::require_tool("setpriv");
     let pki = Pki::new();
     // The test PKI lives in a directory nobody may enter? Make the key alone unreadable.
     std::fs::set_permissions(
@@ -201,7 +191,6 @@ fn unreadable_key_file_as_unprivileged_user() {
 
 #[test]
 fn privileged_port_as_unprivileged_user() {
-    common::require_tool("setpriv");
     // Port 1 on loopback: below 1024 and almost surely free.
     let (code, out) = run_as_nobody(&["--map", "127.0.0.1:1:a:80"]);
     assert_clean_failure(

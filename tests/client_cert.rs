@@ -353,6 +353,77 @@ async fn only_a_good_family_certificate_reaches_the_backend() {
     drop(fwd);
 }
 
+#[test]
+fn new_refuses_a_name_in_use_in_one_line_and_replace_revokes_the_old_one() {
+    common::require_tool("openssl");
+    let tmp = TempDir::new("ccert-replace");
+    let state = tmp.join("state");
+    issue(&state, tmp.path(), "anna-phone", &[]);
+    let serials = |state: &Path| -> Vec<(String, String)> {
+        let (ok, list) = client_cert(state, &["list"]);
+        assert!(ok, "{list}");
+        list.lines()
+            .filter(|l| l.starts_with("anna-phone "))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[1].to_string(), f[3..].join(" "))
+            })
+            .collect()
+    };
+    let old = serials(&state)[0].0.clone();
+
+    // The name has a valid certificate: one line, what to do, nothing issued.
+    let second = tmp.join("second");
+    std::fs::create_dir(&second).unwrap();
+    let (ok, out) = client_cert(
+        &state,
+        &["new", "anna-phone", "--out-dir", second.to_str().unwrap()],
+    );
+    assert!(!ok);
+    assert_eq!(
+        out,
+        format!("tcpfwd: error: 'anna-phone' already has a valid certificate (serial {old}); revoke it first (`tcpfwd client-cert revoke anna-phone`), give --replace to revoke it and issue the new one in one step, or choose another name\n")
+    );
+    assert!(!second.join("anna-phone.p12").exists());
+    assert_eq!(serials(&state).len(), 1);
+
+    // --replace: the old one revoked and in the re-signed CRL, the new one valid.
+    let (ok, out) = client_cert(
+        &state,
+        &[
+            "new",
+            "anna-phone",
+            "--replace",
+            "--out-dir",
+            second.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "Revoked the previous certificate of 'anna-phone' (serial {old})"
+        )),
+        "{out}"
+    );
+    let pw = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Password: "))
+        .unwrap();
+    p12_to_pem(&second.join("anna-phone.p12"), pw);
+    let now = serials(&state);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(now[0], (old.clone(), "revoked".to_string()));
+    assert_eq!(now[1].1, "valid");
+    let crl = state.join("family-ca").join("crl.pem");
+    let (ok, text) = openssl(&["crl", "-in", crl.to_str().unwrap(), "-noout", "-text"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("Serial Number: {}", old.to_uppercase())),
+        "{text}"
+    );
+    assert!(!text.contains(&now[1].0.to_uppercase()), "{text}");
+}
+
 /// A rustls client presenting the certificate and key in `pem`.
 fn client_with_cert(pem: &Path) -> Arc<rustls::ClientConfig> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pem)
@@ -428,6 +499,31 @@ async fn echo_once<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &
     assert_eq!(&buf, b"ping");
 }
 
+/// Revokes `name` and waits until the CRL poll (every 2 s, no signal) has
+/// closed `open`, made with its certificate; returns the "connection closed"
+/// events saying so.
+async fn revoke_and_see_closed<S: tokio::io::AsyncRead + Unpin>(
+    fwd: &Tcpfwd,
+    state: &Path,
+    name: &str,
+    open: &mut S,
+) -> Vec<serde_json::Value> {
+    let (ok, out) = tokio::task::block_in_place(|| client_cert(state, &["revoke", name]));
+    assert!(ok, "{out}");
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(T, open.read_to_end(&mut sink)).await;
+    assert!(
+        read.is_ok(),
+        "the revoked certificate's connection is still open"
+    );
+    fwd.wait_for_async(
+        |e| msg(e) == "connection closed" && e["reason"] == "client certificate revoked",
+        1,
+        T,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_closes_the_open_connections_made_with_the_certificate() {
     common::require_tool("openssl");
@@ -447,6 +543,8 @@ async fn revoking_closes_the_open_connections_made_with_the_certificate() {
         "--state-dir",
         state.to_str().unwrap(),
     ]);
+    // A client-auth route from the start: its CRL is watched from the start.
+    fwd.wait_for_async(|e| msg(e) == WATCHING, 1, T).await;
     let addr = fwd.addr(0);
     let mut a = common::tls_connect(client_with_cert(&lost), addr, "localhost")
         .await
@@ -457,22 +555,7 @@ async fn revoking_closes_the_open_connections_made_with_the_certificate() {
     echo_once(&mut a).await;
     echo_once(&mut b).await;
 
-    let (ok, out) = tokio::task::block_in_place(|| client_cert(&state, &["revoke", "lost-phone"]));
-    assert!(ok, "{out}");
-    // Picked up by the CRL poll (every 2 s), no signal needed.
-    let mut sink = Vec::new();
-    let read = tokio::time::timeout(T, a.read_to_end(&mut sink)).await;
-    assert!(
-        read.is_ok(),
-        "the revoked certificate's connection is still open"
-    );
-    let closed = fwd
-        .wait_for_async(
-            |e| msg(e) == "connection closed" && e["reason"] == "client certificate revoked",
-            1,
-            T,
-        )
-        .await;
+    let closed = revoke_and_see_closed(&fwd, &state, "lost-phone", &mut a).await;
     assert_eq!(closed[0]["client_cn"], "lost-phone");
     // The other one goes on.
     echo_once(&mut b).await;
@@ -500,6 +583,137 @@ async fn revoking_closes_the_open_connections_made_with_the_certificate() {
         T,
     )
     .await;
+    drop(fwd);
+}
+
+const WATCHING: &str = "watching the CRL files of the client-auth routes for revocations";
+const STOPPED: &str = "no client-auth route with a CRL any more; stopped watching CRL files";
+
+/// Writes a configuration file with one frontend on `port` to `backend`,
+/// with the family CA's client authentication or without; renamed into place.
+fn write_config(path: &Path, state: &Path, port: u16, backend: &str, client_auth: bool) {
+    let auth = if client_auth {
+        "client_auth = \"family\"\n"
+    } else {
+        ""
+    };
+    let text = format!(
+        "state_dir = \"{}\"\n{auth}[[frontend]]\nlisten = \"127.0.0.1:{port}\"\n  [[frontend.route]]\n  backend = \"{backend}\"\n",
+        state.display()
+    );
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crl_is_watched_only_while_a_route_has_client_auth() {
+    common::require_tool("openssl");
+    let tmp = TempDir::new("ccert-watch");
+    let state = tmp.join("state");
+    let (lost, pw) = issue(&state, tmp.path(), "lost-phone", &[]);
+    let lost = p12_to_pem(&lost, &pw);
+    let backend = backends::echo().await.to_string();
+    let port = free_port();
+    let file = tmp.join("tcpfwd.toml");
+    write_config(&file, &state, port, &backend, false);
+    let mut cmd = Tcpfwd::command();
+    cmd.arg("--config").arg(&file);
+    let fwd = Tcpfwd::spawn(cmd);
+    fwd.wait_for_async(|e| msg(e) == "ready", 1, T).await;
+    let reloaded = |e: &serde_json::Value| {
+        msg(e) == "configuration reloaded; new connections get it"
+            || msg(e).starts_with("reload failed")
+    };
+
+    // No client authentication: nothing is watched. The first reload's line
+    // comes after anything the start logged, so the log up to it tells.
+    write_config(&file, &state, port, &backend, true);
+    fwd.signal(libc::SIGHUP);
+    let ev = fwd.wait_for_async(reloaded, 1, T).await;
+    assert_eq!(
+        msg(&ev[0]),
+        "configuration reloaded; new connections get it"
+    );
+    let events = fwd.events();
+    let at = events.iter().position(reloaded).unwrap();
+    assert!(
+        !events[..at].iter().any(|e| msg(e) == WATCHING),
+        "the CRL was watched without a client-auth route:\n{}",
+        fwd.stderr()
+    );
+
+    // The reload added client authentication: the family CA's CRL is watched
+    // from now on, so a revocation closes the open connection without a signal.
+    let w = fwd
+        .wait_for_async(|e| msg(e) == WATCHING, 1, T)
+        .await
+        .remove(0);
+    assert!(
+        w["crl"].as_str().unwrap().ends_with("family-ca/crl.pem"),
+        "{w}"
+    );
+    assert_eq!(w["every_seconds"], 2);
+    let addr = fwd.addr(0);
+    let mut a = common::tls_connect(client_with_cert(&lost), addr, "localhost")
+        .await
+        .unwrap();
+    echo_once(&mut a).await;
+    revoke_and_see_closed(&fwd, &state, "lost-phone", &mut a).await;
+
+    // A reload that removes the last client-auth route stops the poll.
+    write_config(&file, &state, port, &backend, false);
+    fwd.signal(libc::SIGHUP);
+    let ev = fwd.wait_for_async(reloaded, 2, T).await;
+    assert_eq!(
+        msg(&ev[1]),
+        "configuration reloaded; new connections get it"
+    );
+    fwd.wait_for_async(|e| msg(e) == STOPPED, 1, T).await;
+    assert_eq!(
+        fwd.events().iter().filter(|e| msg(e) == WATCHING).count(),
+        1
+    );
+    drop(fwd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_adds_family_client_auth_makes_the_family_ca() {
+    let tmp = TempDir::new("ccert-reload-ca");
+    let state = tmp.join("state");
+    let backend = backends::echo().await.to_string();
+    let file = tmp.join("tcpfwd.toml");
+    let port = free_port();
+    write_config(&file, &state, port, &backend, false);
+    let mut cmd = Tcpfwd::command();
+    cmd.arg("--config").arg(&file);
+    let fwd = Tcpfwd::spawn(cmd);
+    fwd.wait_for_async(|e| msg(e) == "ready", 1, T).await;
+    let ca = state.join("family-ca");
+    assert!(!ca.exists(), "a family CA without a route that needs it");
+    // No `client-cert new` yet: the reload makes the CA, as a start would.
+    write_config(&file, &state, port, &backend, true);
+    fwd.signal(libc::SIGHUP);
+    let ev = fwd
+        .wait_for_async(
+            |e| {
+                msg(e) == "configuration reloaded; new connections get it"
+                    || msg(e).starts_with("reload failed")
+            },
+            1,
+            T,
+        )
+        .await;
+    assert_eq!(
+        msg(&ev[0]),
+        "configuration reloaded; new connections get it",
+        "{}",
+        fwd.stderr()
+    );
+    fwd.wait_for_async(|e| msg(e).starts_with("family CA created"), 1, T)
+        .await;
+    assert!(ca.join("ca.pem").exists() && ca.join("crl.pem").exists());
+    fwd.wait_for_async(|e| msg(e) == WATCHING, 1, T).await;
     drop(fwd);
 }
 

@@ -39,20 +39,39 @@ fn open_dir(tag: &str) -> TempDir {
     dir
 }
 
+/// tcpfwd forwarding to `echo` with the test certificate, not yet started.
+fn command(pki: &Pki, echo: std::net::SocketAddr) -> Command {
+    let mut cmd = Tcpfwd::command();
+    cmd.arg("--map")
+        .arg(format!("127.0.0.1:0:{echo}"))
+        .arg("--cert")
+        .arg(&pki.cert)
+        .arg("--key")
+        .arg(&pki.key);
+    cmd
+}
+
+/// `command` with the control socket at `control` (and `extra`), started.
 fn start(pki: &Pki, echo: std::net::SocketAddr, control: &Path, extra: &[&str]) -> Tcpfwd {
-    let mut args = vec![
-        "--map".to_string(),
-        format!("127.0.0.1:0:{echo}"),
-        "--cert".into(),
-        pki.cert.display().to_string(),
-        "--key".into(),
-        pki.key.display().to_string(),
-        "--control".into(),
-        control.display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Tcpfwd::start(&args)
+    let mut cmd = command(pki, echo);
+    cmd.arg("--control").arg(control).args(extra);
+    let fwd = Tcpfwd::spawn(cmd);
+    fwd.wait_for(|e| msg(e) == "ready", 1, T);
+    fwd
+}
+
+/// `tcpfwd status ARGS...` with `$RUNTIME_DIRECTORY` set to `dir`, as
+/// under systemd, so that its default socket is `dir/control`.
+fn status_in_runtime_dir(dir: &Path, args: &[&str]) -> std::process::Output {
+    tokio::task::block_in_place(|| {
+        Command::new(BIN)
+            .arg("status")
+            .args(args)
+            .env("RUNTIME_DIRECTORY", dir)
+            .env_remove("TCPFWD_CONFIG")
+            .output()
+            .unwrap()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,21 +176,11 @@ async fn status_shows_routes_connections_certificate_reload_and_bans() {
     drop(held);
 
     // Another user: refused, in one line.
-    common::require_tool("setpriv");
     let out = tokio::task::block_in_place(|| {
-        Command::new("setpriv")
-            .args([
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                "--inh-caps=-all",
-                BIN,
-                "status",
-                "--control",
-                path,
-            ])
+        common::as_nobody()
+            .args(["status", "--control", path])
             .output()
-            .expect("setpriv (util-linux) is needed")
+            .expect("run tcpfwd status as nobody")
     });
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -188,20 +197,29 @@ async fn status_shows_routes_connections_certificate_reload_and_bans() {
     assert!(!control.exists(), "the control socket outlived tcpfwd");
 }
 
+/// What `tcpfwd status` says when there is no socket at `path`.
+fn no_socket(path: &str) -> String {
+    format!(
+        "tcpfwd: error: no control socket at {path}: a tcpfwd started by hand has one only when started with --control PATH (under systemd it is $RUNTIME_DIRECTORY/control); give tcpfwd status the same --control PATH\n"
+    )
+}
+
 #[test]
 fn no_instance_is_one_line() {
     let dir = open_dir("status-none");
     let control = dir.join("control");
     let path = control.to_str().unwrap();
-    let want = format!(
-        "tcpfwd: error: no tcpfwd is running with control socket {path}: start it, or pass --control\n"
-    );
+    let want = no_socket(path);
     let (code, out, err) = status(&["--control", path]);
     assert_eq!((code, out.as_str(), err.as_str()), (1, "", want.as_str()));
-    // The same for a socket nobody listens on any more (a crash's leftover).
+    // A socket nobody listens on any more (a crash's leftover) is told apart.
     drop(std::os::unix::net::UnixListener::bind(&control).unwrap());
     let (code, _, err) = status(&["--control", path]);
-    assert_eq!((code, err.as_str()), (1, want.as_str()));
+    let stale = format!(
+        "tcpfwd: error: nothing answers on control socket {path} (left by a tcpfwd that has stopped): start tcpfwd, or pass the running one's --control PATH to tcpfwd status\n"
+    );
+    assert_eq!((code, err.as_str()), (1, stale.as_str()));
+    std::fs::remove_file(&control).unwrap();
     // And the control path from a configuration file.
     let file = dir.join("tcpfwd.toml");
     std::fs::write(
@@ -218,29 +236,14 @@ async fn under_systemd_the_socket_is_in_the_runtime_directory() {
     let pki = Pki::new();
     let echo = backends::echo().await;
     let dir = open_dir("status-runtime");
-    let mut cmd = Tcpfwd::command();
-    cmd.args([
-        "--map",
-        &format!("127.0.0.1:0:{echo}"),
-        "--cert",
-        pki.cert.to_str().unwrap(),
-        "--key",
-        pki.key.to_str().unwrap(),
-    ])
-    .env("RUNTIME_DIRECTORY", dir.path());
+    let mut cmd = command(&pki, echo);
+    cmd.env("RUNTIME_DIRECTORY", dir.path());
     let fwd = Tcpfwd::spawn(cmd);
     let ready = fwd.wait_for(|e| msg(e) == "control socket open for tcpfwd status", 1, T);
     assert_eq!(ready[0]["path"], dir.join("control").to_str().unwrap());
     fwd.wait_for(|e| msg(e) == "ready", 1, T);
     // `tcpfwd status` finds it there too, with no option.
-    let out = tokio::task::block_in_place(|| {
-        Command::new(BIN)
-            .args(["status", "--json"])
-            .env("RUNTIME_DIRECTORY", dir.path())
-            .env_remove("TCPFWD_CONFIG")
-            .output()
-            .unwrap()
-    });
+    let out = status_in_runtime_dir(dir.path(), &["--json"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -251,16 +254,8 @@ async fn under_systemd_the_socket_is_in_the_runtime_directory() {
 async fn started_by_hand_there_is_none_unless_asked() {
     let pki = Pki::new();
     let echo = backends::echo().await;
-    let mut cmd = Tcpfwd::command();
-    cmd.args([
-        "--map",
-        &format!("127.0.0.1:0:{echo}"),
-        "--cert",
-        pki.cert.to_str().unwrap(),
-        "--key",
-        pki.key.to_str().unwrap(),
-    ])
-    .env_remove("RUNTIME_DIRECTORY");
+    let mut cmd = command(&pki, echo);
+    cmd.env_remove("RUNTIME_DIRECTORY");
     let fwd = Tcpfwd::spawn(cmd);
     fwd.wait_for(|e| msg(e) == "ready", 1, T);
     assert!(
@@ -270,6 +265,14 @@ async fn started_by_hand_there_is_none_unless_asked() {
         "{}",
         fwd.stderr()
     );
+    // `tcpfwd status` with no option then finds no socket in its default
+    // place (here $RUNTIME_DIRECTORY, an empty directory) and says what to do.
+    let dir = open_dir("status-by-hand");
+    let out = status_in_runtime_dir(dir.path(), &[]);
+    let want = no_socket(dir.join("control").to_str().unwrap());
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), want);
+    assert!(out.stdout.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

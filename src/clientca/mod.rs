@@ -117,6 +117,8 @@ pub struct NewCert {
     pub cert_der: Vec<u8>,
     /// Its private key, PKCS#8 DER.
     pub key_der: Vec<u8>,
+    /// The name's earlier certificates revoked in the same step (`--replace`).
+    pub replaced: Vec<IssuedCert>,
 }
 
 impl FamilyCa {
@@ -183,7 +185,10 @@ impl FamilyCa {
     }
 
     /// Issues a client certificate for `name`, valid `days` from an hour ago.
-    pub fn issue(&mut self, name: &str, days: u32) -> anyhow::Result<NewCert> {
+    /// With `replace`, the name's unrevoked certificates are revoked in the
+    /// same step (one CRL re-signed, then the list saved); without, a valid
+    /// one is an error.
+    pub fn issue(&mut self, name: &str, days: u32, replace: bool) -> anyhow::Result<NewCert> {
         check_name(name)?;
         let now = OffsetDateTime::now_utc();
         if let Some(c) = self
@@ -192,10 +197,12 @@ impl FamilyCa {
             .iter()
             .find(|c| c.name == name && c.status(now.unix_timestamp()) == "valid")
         {
-            bail!(
-                "'{name}' already has a valid certificate (serial {}); revoke it first (`tcpfwd client-cert revoke {name}`) or choose another name",
-                c.serial
-            );
+            if !replace {
+                bail!(
+                    "'{name}' already has a valid certificate (serial {}); revoke it first (`tcpfwd client-cert revoke {name}`), give --replace to revoke it and issue the new one in one step, or choose another name",
+                    c.serial
+                );
+            }
         }
         let key =
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating the client key")?;
@@ -226,12 +233,26 @@ impl FamilyCa {
             not_after: params.not_after.unix_timestamp(),
             revoked_at: None,
         };
+        let mut replaced = Vec::new();
+        if replace {
+            for c in self.issued.certs.iter_mut() {
+                if c.name == name && c.revoked_at.is_none() {
+                    c.revoked_at = Some(now.unix_timestamp());
+                    replaced.push(c.clone());
+                }
+            }
+        }
         self.issued.certs.push(info.clone());
+        if !replaced.is_empty() {
+            // As in `revoke`: the CRL first, so that a failure records nothing.
+            self.write_crl()?;
+        }
         self.save()?;
         Ok(NewCert {
             info,
             cert_der: cert.der().to_vec(),
             key_der: key.serialize_der(),
+            replaced,
         })
     }
 
@@ -640,6 +661,7 @@ pub fn cmd_new(
     format: P12Format,
     out_dir: &Path,
     delivery: Delivery,
+    replace: bool,
 ) -> anyhow::Result<()> {
     check_name(name)?;
     let out = out_dir.join(format!("{name}.p12"));
@@ -661,7 +683,7 @@ pub fn cmd_new(
         None => None,
     };
     let mut ca = FamilyCa::open_or_create(&state_dir.join(DIR_NAME))?;
-    let new = ca.issue(name, days)?;
+    let new = ca.issue(name, days, replace)?;
     let password = password()?;
     let p12 = pkcs12(name, &new.cert_der, &new.key_der, &password, format)?;
     // It holds a private key.
@@ -686,6 +708,13 @@ pub fn cmd_new(
             P12Format::Modern => "modern AES-256",
         }
     );
+    for c in &new.replaced {
+        println!(
+            "Revoked the previous certificate of '{name}' (serial {}): the CRL {} is re-signed, a running tcpfwd refuses it within a few seconds and closes the connections made with it.",
+            c.serial,
+            ca.dir().join(CRL_FILE).display()
+        );
+    }
     if profile.is_some() {
         println!(
             "Wrote {} (an iOS/iPadOS profile with the same certificate; it asks for the same password).",
@@ -858,12 +887,13 @@ mod tests {
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join(CA_KEY)), 0o600);
         assert!(dir.join(CRL_FILE).exists());
-        let a = ca.issue("anna-phone", 30).unwrap();
+        let a = ca.issue("anna-phone", 30, false).unwrap();
+        assert!(a.replaced.is_empty());
         assert!(
-            ca.issue("anna-phone", 30).is_err(),
+            ca.issue("anna-phone", 30, false).is_err(),
             "one valid cert per name"
         );
-        assert!(ca.issue("../x", 30).is_err());
+        assert!(ca.issue("../x", 30, false).is_err());
         let parsed = crate::tls::x509::parse(&a.cert_der).unwrap();
         assert_eq!(hex(parsed.serial), a.info.serial);
         assert!(parsed.subject().unwrap().contains("CN=anna-phone"));
@@ -879,7 +909,16 @@ mod tests {
         assert_ne!(fs::read(dir.join(CRL_FILE)).unwrap(), crl_before);
         assert_eq!(ca.issued()[0].status(0), "revoked");
         // A new one under the same name after the revocation.
-        ca.issue("anna-phone", 1).unwrap();
+        let b = ca.issue("anna-phone", 1, false).unwrap();
+        // Replaced: the old one revoked and in the re-signed CRL, in one step.
+        let crl_before = fs::read(dir.join(CRL_FILE)).unwrap();
+        let c = ca.issue("anna-phone", 1, true).unwrap();
+        assert_eq!(c.replaced.len(), 1);
+        assert_eq!(c.replaced[0].serial, b.info.serial);
+        assert_ne!(fs::read(dir.join(CRL_FILE)).unwrap(), crl_before);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let status: Vec<&str> = ca.issued().iter().map(|i| i.status(now)).collect();
+        assert_eq!(status, ["revoked", "revoked", "valid"]);
         let p12 = pkcs12(
             "anna-phone",
             &a.cert_der,

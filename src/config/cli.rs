@@ -223,6 +223,10 @@ pub struct NewCertArgs {
     /// How long the download link is valid (at most 10m).
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = serve_for, requires = "serve")]
     pub serve_for: std::time::Duration,
+    /// If NAME has a valid certificate, revoke it in the same step (the
+    /// CRL is re-signed; the device needs the new NAME.p12 to get in again).
+    #[arg(long)]
+    pub replace: bool,
     /// Where the family CA lives.
     #[command(flatten)]
     pub state: StateArgs,

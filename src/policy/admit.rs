@@ -27,6 +27,43 @@ pub const MAX_SERIAL: usize = 24;
 const PREFIX_V4: u8 = 32;
 const PREFIX_V6: u8 = 64;
 
+/// A certificate serial held by value (up to [`MAX_SERIAL`] octets), so that
+/// the admission check hands it to the connection without an allocation.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Serial {
+    len: u8,
+    bytes: [u8; MAX_SERIAL],
+}
+
+impl Serial {
+    /// `serial` (a certificate's serial as its INTEGER's content octets), or
+    /// `None` when it is longer than [`MAX_SERIAL`].
+    pub fn new(serial: &[u8]) -> Option<Serial> {
+        let len = u8::try_from(serial.len()).ok()?;
+        let mut bytes = [0; MAX_SERIAL];
+        bytes.get_mut(..serial.len())?.copy_from_slice(serial);
+        Some(Serial { len, bytes })
+    }
+
+    /// The octets.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::ops::Deref for Serial {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::fmt::Debug for Serial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Serial({:02x?})", self.as_slice())
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Entry {
     used: bool,
@@ -34,14 +71,8 @@ struct Entry {
     key: Key,
     /// Milliseconds since the table's epoch of the last verified handshake.
     verified: u64,
-    serial_len: u8,
-    serial: [u8; MAX_SERIAL],
-}
-
-impl Entry {
-    fn serial(&self) -> &[u8] {
-        &self.serial[..usize::from(self.serial_len)]
-    }
+    /// The certificate that verified it.
+    serial: Serial,
 }
 
 /// The table; see the module's documentation.
@@ -83,12 +114,9 @@ impl Admissions {
     /// `key` completed a handshake with the certificate `serial`: admitted
     /// from now, tied to that serial. False when the serial is too long to keep.
     pub fn verified(&self, key: Key, serial: &[u8], now: Instant) -> bool {
-        let Ok(serial_len) = u8::try_from(serial.len()) else {
+        let Some(serial) = Serial::new(serial) else {
             return false;
         };
-        if serial.len() > MAX_SERIAL {
-            return false;
-        }
         let now = self.ms(now);
         let mut set = self.set(&key);
         let i = match set.iter().position(|e| e.used && e.key == key) {
@@ -98,25 +126,22 @@ impl Admissions {
                 (0..WAYS).min_by_key(|&i| set[i].verified).unwrap_or(0)
             }),
         };
-        let mut e = Entry {
+        set[i] = Entry {
             used: true,
             key,
             verified: now,
-            serial_len,
-            serial: [0; MAX_SERIAL],
+            serial,
         };
-        e.serial[..serial.len()].copy_from_slice(serial);
-        set[i] = e;
         true
     }
 
     /// The serial that admits `key` now, if its last verified handshake is
-    /// at most `window` old.
-    pub fn admitted(&self, key: Key, window: Duration, now: Instant) -> Option<Vec<u8>> {
+    /// at most `window` old. Copied out by value: no allocation per connection.
+    pub fn admitted(&self, key: Key, window: Duration, now: Instant) -> Option<Serial> {
         let now = self.ms(now);
         let set = self.set(&key);
         let e = set.iter().find(|e| e.used && e.key == key)?;
-        (now.saturating_sub(e.verified) <= window.as_millis() as u64).then(|| e.serial().to_vec())
+        (now.saturating_sub(e.verified) <= window.as_millis() as u64).then_some(e.serial)
     }
 
     /// Removes the entries of the verifying routes `scopes` whose serial
@@ -126,7 +151,7 @@ impl Admissions {
         for set in self.sets.iter() {
             let mut set = set.lock().unwrap_or_else(|e| e.into_inner());
             for e in set.iter_mut() {
-                if e.used && scopes.contains(&e.key.scope) && revoked(e.serial()) {
+                if e.used && scopes.contains(&e.key.scope) && revoked(e.serial.as_slice()) {
                     *e = Entry::default();
                     n += 1;
                 }
@@ -168,8 +193,9 @@ mod tests {
         assert_eq!(t.admitted(key("127.0.0.2", 7), H, Instant::now()), None);
         assert!(t.verified(key("127.0.0.2", 7), &[1, 2, 3], Instant::now()));
         assert_eq!(
-            t.admitted(key("::ffff:127.0.0.2", 7), H, Instant::now()),
-            Some(vec![1, 2, 3])
+            t.admitted(key("::ffff:127.0.0.2", 7), H, Instant::now())
+                .as_deref(),
+            Some(&[1, 2, 3][..])
         );
         // Another address, or the same one verified on another route: no.
         assert_eq!(t.admitted(key("127.0.0.3", 7), H, Instant::now()), None);
@@ -188,8 +214,9 @@ mod tests {
         t.verified(key("127.0.0.2", 7), &[4], Instant::now());
         tokio::time::advance(Duration::from_millis(1500)).await;
         assert_eq!(
-            t.admitted(key("127.0.0.2", 7), w, Instant::now()),
-            Some(vec![4])
+            t.admitted(key("127.0.0.2", 7), w, Instant::now())
+                .as_deref(),
+            Some(&[4][..])
         );
         tokio::time::advance(Duration::from_millis(501)).await;
         assert_eq!(t.admitted(key("127.0.0.2", 7), w, Instant::now()), None);

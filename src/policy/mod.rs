@@ -25,7 +25,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
-pub use admit::Admissions;
+pub use admit::{Admissions, Serial};
 pub use cidr::{AccessList, Cidr};
 pub use table::{BanRules, Key, Over, SourceLimits, SourceTable};
 
@@ -256,7 +256,7 @@ impl Gate {
 
     /// On an `admit_after` route: the serial of the certificate that
     /// admits `ip` (verified on route `scope` within `window`), or refused.
-    pub fn admitted(&self, ip: IpAddr, scope: u32, window: Duration) -> Result<Vec<u8>, Refusal> {
+    pub fn admitted(&self, ip: IpAddr, scope: u32, window: Duration) -> Result<Serial, Refusal> {
         match self
             .admissions
             .admitted(Admissions::key(ip, scope), window, Instant::now())
@@ -445,7 +445,7 @@ mod tests {
         gate.verified(ip("127.0.0.2"), 7, &[5]);
         assert_eq!(
             gate.admitted(ip("127.0.0.2"), 7, Duration::from_secs(60)),
-            Ok(vec![5])
+            Ok(admit::Serial::new(&[5]).unwrap())
         );
         assert_eq!(gate.revoke_admissions(&[7], |s| s == [5]), 1);
         let (counts, bans) = gate.take_counts().unwrap();
@@ -453,6 +453,24 @@ mod tests {
         assert_eq!(bans, 1);
         assert!(gate.take_counts().is_none());
         drop((b, c));
+    }
+
+    #[test]
+    fn the_admission_check_allocates_nothing() {
+        let gate = Gate::new(SourcePolicy::defaults(8));
+        let serial = [0x4a; 16];
+        gate.verified(ip("127.0.0.2"), 7, &serial);
+        let window = Duration::from_secs(60);
+        // Once per thread, not per connection: arc-swap's first load on a
+        // thread may allocate that thread's bookkeeping.
+        let _ = gate.admitted(ip("127.0.0.4"), 7, window);
+        let (got, n) = crate::test_alloc::allocations(|| gate.admitted(ip("127.0.0.2"), 7, window));
+        assert_eq!(got.as_deref(), Ok(&serial[..]));
+        assert_eq!(n, 0, "the admission check of an admitted source allocated");
+        // A refused source neither.
+        let (got, n) = crate::test_alloc::allocations(|| gate.admitted(ip("127.0.0.3"), 7, window));
+        assert_eq!(got, Err(Refusal::NotAdmitted));
+        assert_eq!(n, 0, "the admission check of a refused source allocated");
     }
 
     #[tokio::test(start_paused = true)]

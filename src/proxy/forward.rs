@@ -48,7 +48,7 @@ struct Seen {
     client_cert: Option<conn::ClientCert>,
     /// On an `admit_after` route: the serial of the certificate that
     /// admitted the source (verified on the route named).
-    admitted_by: Option<Vec<u8>>,
+    admitted_by: Option<crate::policy::Serial>,
 }
 
 impl Seen {
@@ -389,12 +389,12 @@ async fn run(
             if let Some(scope) = route.route.admission {
                 ctx.gate.verified(peer.ip(), scope, &cert.serial);
             }
-            let r = ctx.revocations.register(auth, cert.serial.clone());
+            let r = ctx.revocations.register(auth, &cert.serial);
             seen.client_cert = Some(cert);
             Some(r)
         }
         _ => match (&route.route.admit_after, seen.admitted_by.take()) {
-            (Some(a), Some(serial)) => Some(ctx.revocations.register(&a.auth, serial)),
+            (Some(a), Some(serial)) => Some(ctx.revocations.register(&a.auth, &serial)),
             _ => None,
         },
     };

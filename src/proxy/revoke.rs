@@ -9,6 +9,7 @@ use rustls::pki_types::CertificateRevocationListDer;
 use tokio::sync::Notify;
 
 use crate::config::ClientAuth;
+use crate::policy::Serial;
 use crate::tls::client_auth::is_revoked;
 
 /// The live client-certificate connections.
@@ -21,8 +22,32 @@ pub struct Revocations {
 #[derive(Debug)]
 struct Live {
     auth: ClientAuth,
-    serial: Vec<u8>,
+    serial: Held,
     notify: Arc<Notify>,
+}
+
+/// A serial, kept by value when it fits (any RFC 5280 one does) and on the
+/// heap only when a CA issued a longer one.
+#[derive(Debug)]
+enum Held {
+    Inline(Serial),
+    Long(Box<[u8]>),
+}
+
+impl Held {
+    fn new(serial: &[u8]) -> Held {
+        match Serial::new(serial) {
+            Some(s) => Held::Inline(s),
+            None => Held::Long(serial.into()),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Held::Inline(s) => s.as_slice(),
+            Held::Long(b) => b,
+        }
+    }
 }
 
 /// One connection's entry; dropping it (the connection's end) removes it.
@@ -51,14 +76,14 @@ impl Revocations {
     }
 
     /// Registers a connection whose certificate (`serial`) `auth` accepted.
-    pub fn register(self: &Arc<Self>, auth: &ClientAuth, serial: Vec<u8>) -> Registration {
+    pub fn register(self: &Arc<Self>, auth: &ClientAuth, serial: &[u8]) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
         self.lock().insert(
             id,
             Live {
                 auth: auth.clone(),
-                serial,
+                serial: Held::new(serial),
                 notify: notify.clone(),
             },
         );
@@ -79,7 +104,7 @@ impl Revocations {
         let live = self.lock();
         let mut n = 0;
         for l in live.values() {
-            if &l.auth == auth && is_revoked(crls, &l.serial) {
+            if &l.auth == auth && is_revoked(crls, l.serial.as_slice()) {
                 // notify_one keeps a permit: a task not yet waiting still sees it.
                 l.notify.notify_one();
                 n += 1;

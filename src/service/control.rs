@@ -458,9 +458,12 @@ pub fn query(path: &Path) -> Result<Report, String> {
         format!("permission denied on control socket {shown}: run tcpfwd status as root or as the user tcpfwd runs as")
     };
     let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-            format!("no tcpfwd is running with control socket {shown}: start it, or pass --control")
-        }
+        io::ErrorKind::NotFound => format!(
+            "no control socket at {shown}: a tcpfwd started by hand has one only when started with --control PATH (under systemd it is $RUNTIME_DIRECTORY/control); give tcpfwd status the same --control PATH"
+        ),
+        io::ErrorKind::ConnectionRefused => format!(
+            "nothing answers on control socket {shown} (left by a tcpfwd that has stopped): start tcpfwd, or pass the running one's --control PATH to tcpfwd status"
+        ),
         io::ErrorKind::PermissionDenied => denied(),
         _ => format!("cannot reach control socket {shown}: {e}"),
     })?;
@@ -644,7 +647,7 @@ mod tests {
         let e = query(Path::new("/nonexistent/tcpfwd/control")).unwrap_err();
         assert_eq!(
             e,
-            "no tcpfwd is running with control socket /nonexistent/tcpfwd/control: start it, or pass --control"
+            "no control socket at /nonexistent/tcpfwd/control: a tcpfwd started by hand has one only when started with --control PATH (under systemd it is $RUNTIME_DIRECTORY/control); give tcpfwd status the same --control PATH"
         );
     }
 }

@@ -158,6 +158,11 @@ impl Reloader {
                 "no ACME certificate stored yet; the placeholder serves until the CA issues one",
             ));
         }
+        // A family CA the new routes need is made now (with its empty CRL),
+        // as at start: client_auth = "family" may come with this reload.
+        for dir in app::family_dirs(&new) {
+            crate::clientca::ensure(&dir)?;
+        }
         // Build everything, and bind the added frontends, before swapping
         // anything in.
         let resolver = &self.served.resolver;
@@ -571,8 +576,10 @@ pub struct Reloads {
 impl Reloads {
     /// Answers every SIGHUP, forever: RELOADING=1, reload, READY=1 with the new status.
     pub async fn run(mut self) {
-        let mut poll = tokio::time::interval(CRL_POLL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The CRL poll runs only while some client-auth route has a CRL: a
+        // tcpfwd without client certificates never wakes up for it.
+        let mut poll = CrlPoll::default();
+        poll.update(&self.reloader.crl_seen);
         let start = tokio::time::Instant::now();
         let mut daily = tokio::time::interval_at(start + CLIENT_CERT_CHECK, CLIENT_CERT_CHECK);
         daily.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -640,9 +647,54 @@ impl Reloads {
             if let Err(e) = self.reloader.check_crls(true) {
                 tracing::error!("{e:#}");
             }
+            // A reload may have added the first client-auth route or removed the last.
+            poll.update(&self.reloader.crl_seen);
             self.status
                 .check_client_certs(&self.reloader.served.config, true);
             self.status.ready();
+        }
+    }
+}
+
+/// The timer of the CRL poll, there only while there are CRL files to watch.
+#[derive(Default)]
+struct CrlPoll(Option<tokio::time::Interval>);
+
+impl CrlPoll {
+    /// Starts or stops the poll for the CRL files `seen` (those of the
+    /// configuration in force), saying so in the log when that changes.
+    fn update(&mut self, seen: &HashMap<PathBuf, Option<Stamp>>) {
+        match (&self.0, seen.is_empty()) {
+            (None, false) => {
+                let start = tokio::time::Instant::now() + CRL_POLL;
+                let mut poll = tokio::time::interval_at(start, CRL_POLL);
+                poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                self.0 = Some(poll);
+                let mut files: Vec<String> = seen.keys().map(|p| p.display().to_string()).collect();
+                files.sort();
+                tracing::info!(
+                    crl = %files.join(","),
+                    every_seconds = CRL_POLL.as_secs(),
+                    "watching the CRL files of the client-auth routes for revocations"
+                );
+            }
+            (Some(_), true) => {
+                self.0 = None;
+                tracing::info!(
+                    "no client-auth route with a CRL any more; stopped watching CRL files"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// The next tick; never, while there is nothing to watch.
+    async fn tick(&mut self) {
+        match &mut self.0 {
+            Some(poll) => {
+                poll.tick().await;
+            }
+            None => std::future::pending().await,
         }
     }
 }

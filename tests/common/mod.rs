@@ -394,6 +394,22 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port between {low} and {high}");
 }
 
+/// The binary as the user nobody (through util-linux's setpriv, with no
+/// groups or capabilities), so that permission checks bite even when the
+/// tests run as root; add its arguments, then run it.
+pub fn as_nobody() -> Command {
+    require_tool("setpriv");
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "--inh-caps=-all",
+        BIN,
+    ]);
+    cmd
+}
+
 /// Whether this host can use ::1.
 pub fn has_ipv6_loopback() -> bool {
     std::net::TcpListener::bind("[::1]:0").is_ok()
