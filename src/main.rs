@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use tcpfwd::clientca;
 use tcpfwd::config::cli::{Cli, ClientCertCommand, Command, StateArgs, StatusArgs};
 use tcpfwd::config::{file, layer, Config};
@@ -16,7 +16,7 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_or_exit();
     if let Some(Command::ClientCert(cmd)) = &cli.command {
         return match client_cert(cmd) {
             Ok(()) => ExitCode::SUCCESS,

@@ -65,6 +65,22 @@ fn bad_maps_quote_the_text() {
 }
 
 #[test]
+fn a_pasted_newline_in_a_map_stays_on_the_error_line() {
+    let (code, out) = run_to_exit(&["--map", "443:dvr\n:80"]);
+    assert_clean_failure(
+        code,
+        &out,
+        2,
+        &["invalid value '443:dvr\\n:80' for '--map <MAP>'"],
+    );
+    let first = out.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("LISTEN_PORT:BACKEND_HOST:BACKEND_PORT"),
+        "{out}"
+    );
+}
+
+#[test]
 fn two_maps_on_one_port() {
     let (code, out) = run_to_exit(&["--map", "8443:a:80", "--map", "127.0.0.1:8443:b:80"]);
     assert_clean_failure(

@@ -273,6 +273,17 @@ pub struct RevokeArgs {
 }
 
 impl Cli {
+    /// Parses the command line, or prints clap's error and exits (status 2
+    /// for usage errors). A value with control characters in it (a newline
+    /// pasted into `--map`) is quoted escaped, as tcpfwd's own errors quote
+    /// it, so the error stays one line.
+    pub fn parse_or_exit() -> Cli {
+        match Cli::try_parse() {
+            Ok(cli) => cli,
+            Err(e) => exit_with(e),
+        }
+    }
+
     /// The options of a start or of `check`.
     pub fn args(&self) -> &RunArgs {
         match &self.command {
@@ -280,6 +291,24 @@ impl Cli {
             Some(Command::ClientCert(_) | Command::Status(_)) | None => &self.run,
         }
     }
+}
+
+/// Prints `e` as clap would, with the bad value escaped if it holds control
+/// characters, and exits with clap's status.
+fn exit_with(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue};
+    let raw = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) if v.chars().any(char::is_control) => v.clone(),
+        _ => e.exit(),
+    };
+    let text = escaped_value(&e.render().to_string(), &raw);
+    eprint!("{text}");
+    std::process::exit(e.exit_code())
+}
+
+/// clap's rendered `text` with the quoted value `raw` written escaped.
+fn escaped_value(text: &str, raw: &str) -> String {
+    text.replace(&format!("'{raw}'"), &format!("'{}'", super::printable(raw)))
 }
 
 /// The options that say what to serve and how.
@@ -889,6 +918,21 @@ mod tests {
         assert!(
             e.contains("--acme-profile needs --acme-domain or --acme-ip"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_value_with_a_newline_is_quoted_escaped_in_clap_errors() {
+        let e = Cli::try_parse_from(["tcpfwd", "--threads", "x\ny"]).unwrap_err();
+        let raw = match e.get(clap::error::ContextKind::InvalidValue) {
+            Some(clap::error::ContextValue::String(v)) => v.clone(),
+            other => panic!("no invalid value in {other:?}"),
+        };
+        let text = escaped_value(&e.render().to_string(), &raw);
+        let first = text.lines().next().unwrap();
+        assert!(
+            first.contains("invalid value 'x\\ny' for '--threads <N>'"),
+            "{text}"
         );
     }
 }
