@@ -107,17 +107,32 @@ fn token() -> anyhow::Result<String> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
 }
 
-/// The link as a QR code in Unicode half blocks, light on dark (a terminal's
-/// usual colours; phone cameras read it either way round).
-pub fn qr_text(url: &str) -> anyhow::Result<String> {
+/// The link as a QR code in Unicode half blocks. On a terminal (`colours`)
+/// it is drawn black on white with ANSI colours, so that it reads the right
+/// way round on light and dark themes alike; otherwise (a pipe, a file) light
+/// on dark, a terminal's usual colours.
+pub fn qr_text(url: &str, colours: bool) -> anyhow::Result<String> {
     use qrcode::render::unicode::Dense1x2;
     let code = qrcode::QrCode::new(url.as_bytes()).context("making the QR code")?;
-    Ok(code
-        .render::<Dense1x2>()
-        .dark_color(Dense1x2::Light)
-        .light_color(Dense1x2::Dark)
-        .quiet_zone(true)
-        .build())
+    let mut render = code.render::<Dense1x2>();
+    let render = render.quiet_zone(true);
+    if !colours {
+        return Ok(render
+            .dark_color(Dense1x2::Light)
+            .light_color(Dense1x2::Dark)
+            .build());
+    }
+    let text = render
+        .dark_color(Dense1x2::Dark)
+        .light_color(Dense1x2::Light)
+        .build();
+    // Black glyphs on a white background, line by line (a colour left on at
+    // a line's end would paint the rest of the terminal's row).
+    Ok(text
+        .lines()
+        .map(|l| format!("\x1b[30;47m{l}\x1b[0m"))
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
 
 /// A listener with its certificate and links, ready to print and serve.
@@ -193,10 +208,11 @@ impl Links {
 
     /// Prints the links, their QR codes and the certificate's fingerprint.
     pub fn print(&self, valid: Duration) -> anyhow::Result<()> {
+        let colours = std::io::IsTerminal::is_terminal(&std::io::stdout());
         println!();
         for ((_, offer), url) in self.links.iter().zip(self.urls()) {
             println!("{} ({}):", offer.label, offer.file_name);
-            println!("{}", qr_text(&url)?);
+            println!("{}", qr_text(&url, colours)?);
             println!("Download link for {}: {url}", offer.file_name);
             println!();
         }
@@ -437,7 +453,34 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(describe(MAX_VALID), "10 minutes");
         assert_eq!(describe(Duration::from_secs(1)), "1 second");
-        let qr = qr_text("https://192.168.1.2:8443/abc").unwrap();
+        let qr = qr_text("https://192.168.1.2:8443/abc", false).unwrap();
         assert!(qr.contains('\u{2580}') || qr.contains('\u{2584}'), "{qr}");
+        assert!(!qr.contains('\x1b'), "{qr}");
+        // On a terminal: the same code drawn the other way round, black on white.
+        let on_tty = qr_text("https://192.168.1.2:8443/abc", true).unwrap();
+        let lines: Vec<&str> = on_tty.lines().collect();
+        assert_eq!(lines.len(), qr.lines().count());
+        let last = lines.len() - 1;
+        for (i, (l, plain)) in lines.iter().zip(qr.lines()).enumerate() {
+            let inner = l
+                .strip_prefix("\x1b[30;47m")
+                .and_then(|l| l.strip_suffix("\x1b[0m"))
+                .unwrap_or_else(|| panic!("not black on white: {l:?}"));
+            assert_eq!(inner.chars().count(), plain.chars().count());
+            // Every module is the complement of the plain one (the last
+            // line's lower halves are padding when the height is odd).
+            for (a, b) in inner.chars().zip(plain.chars()) {
+                let dark = |c| match c {
+                    ' ' => [false, false],
+                    '\u{2580}' => [true, false],
+                    '\u{2584}' => [false, true],
+                    _ => [true, true],
+                };
+                let halves = if i == last { 1 } else { 2 };
+                for h in 0..halves {
+                    assert_ne!(dark(a)[h], dark(b)[h], "line {i}: {a:?} against {b:?}");
+                }
+            }
+        }
     }
 }
