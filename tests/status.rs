@@ -200,7 +200,7 @@ async fn status_shows_routes_connections_certificate_reload_and_bans() {
 /// What `tcpfwd status` says when there is no socket at `path`.
 fn no_socket(path: &str) -> String {
     format!(
-        "tcpfwd: error: no control socket at {path}: a tcpfwd started by hand has one only when started with --control PATH (under systemd it is $RUNTIME_DIRECTORY/control); give tcpfwd status the same --control PATH\n"
+        "tcpfwd: error: no control socket at {path}: no tcpfwd is running with it (under systemd it is $RUNTIME_DIRECTORY/control while the service runs; a tcpfwd started by hand has one only with --control PATH: give tcpfwd status the same --control PATH)\n"
     )
 }
 

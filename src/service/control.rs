@@ -459,7 +459,7 @@ pub fn query(path: &Path) -> Result<Report, String> {
     };
     let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => format!(
-            "no control socket at {shown}: a tcpfwd started by hand has one only when started with --control PATH (under systemd it is $RUNTIME_DIRECTORY/control); give tcpfwd status the same --control PATH"
+            "no control socket at {shown}: no tcpfwd is running with it (under systemd it is $RUNTIME_DIRECTORY/control while the service runs; a tcpfwd started by hand has one only with --control PATH: give tcpfwd status the same --control PATH)"
         ),
         io::ErrorKind::ConnectionRefused => format!(
             "nothing answers on control socket {shown} (left by a tcpfwd that has stopped): start tcpfwd, or pass the running one's --control PATH to tcpfwd status"
@@ -647,7 +647,7 @@ mod tests {
         let e = query(Path::new("/nonexistent/tcpfwd/control")).unwrap_err();
         assert_eq!(
             e,
-            "no control socket at /nonexistent/tcpfwd/control: a tcpfwd started by hand has one only when started with --control PATH (under systemd it is $RUNTIME_DIRECTORY/control); give tcpfwd status the same --control PATH"
+            "no control socket at /nonexistent/tcpfwd/control: no tcpfwd is running with it (under systemd it is $RUNTIME_DIRECTORY/control while the service runs; a tcpfwd started by hand has one only with --control PATH: give tcpfwd status the same --control PATH)"
         );
     }
 }
